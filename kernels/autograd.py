@@ -1,0 +1,131 @@
+"""Gradients through models whose weights are inference tensors.
+
+ComfyUI builds and runs models under ``torch.inference_mode()``. Tensors created there are
+*inference tensors*: autograd refuses to save them for backward, even later inside
+``torch.inference_mode(False)`` ("Inference tensors cannot be saved for backward").
+
+The usual workaround, cloning every weight, keeps a second full copy of the model in memory.
+We avoid that: an inference tensor's *storage* is an ordinary storage; only the tensor object
+carries the inference flag. ``alias(t)`` builds a fresh, normal tensor object over the same
+storage (same data pointer, no copy), which autograd accepts. ``differentiable_weights``
+swaps such aliases into a module for the duration of a ``with`` block and puts the original
+parameter objects back afterwards, whatever happens inside.
+
+The aliases share memory with the model, so nothing may write to them in place. The context
+manager verifies this cheaply on exit (version counters), and the test suite checks the
+weights bit for bit.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+
+def alias(t: torch.Tensor) -> torch.Tensor:
+    """A normal (non-inference) tensor sharing ``t``'s storage, without copying.
+
+    Works for inference and normal tensors alike, and must be called outside inference mode
+    (inside it, every new tensor is an inference tensor again).
+    """
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "alias() must run outside torch.inference_mode(); wrap the call in "
+            "torch.inference_mode(False)")
+    out = torch.empty(0, dtype=t.dtype, device=t.device)
+    out.set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
+    return out
+
+
+@dataclass
+class WeightView:
+    """What :func:`differentiable_weights` hands back inside its block."""
+
+    trainable: dict[str, torch.nn.Parameter] = field(default_factory=dict)
+    """Aliased parameters that require grad, by qualified name. Read ``.grad`` after backward."""
+
+    aliased: int = 0
+    """How many parameters and buffers were aliased (zero-copy)."""
+
+    copied_bytes: int = 0
+    """Bytes copied: only trainable tensors whose dtype had to change (e.g. fp16 -> fp32)."""
+
+
+def _named_slots(module: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module, str, bool]]:
+    """(qualified name, owning module, local name, is_parameter) for every parameter and buffer."""
+    for mod_name, mod in module.named_modules(remove_duplicate=False):
+        prefix = mod_name + "." if mod_name else ""
+        for local, p in list(mod._parameters.items()):
+            if p is not None:
+                yield prefix + local, mod, local, True
+        for local, b in list(mod._buffers.items()):
+            if b is not None:
+                yield prefix + local, mod, local, False
+
+
+@contextlib.contextmanager
+def differentiable_weights(
+    module: torch.nn.Module,
+    trainable: Iterable[str] | Callable[[str], bool] = (),
+    grad_dtype: torch.dtype | None = torch.float32,
+) -> Iterator[WeightView]:
+    """Make ``module`` usable with autograd without changing or copying its weights.
+
+    Inside the block every parameter and buffer of ``module`` is a normal tensor that aliases
+    the original storage. Parameters named in ``trainable`` (a collection of qualified names,
+    or a predicate on them) require grad; their gradients land in ``view.trainable[name].grad``.
+
+    ``grad_dtype``: trainable weights stored in a lower precision are given as a copy in this
+    dtype (fp32 by default) so that gradients are computed in fp32; only those few tensors are
+    copied. Pass ``None`` to keep the stored dtype.
+
+    Must be entered outside ``torch.inference_mode()``. On exit every original parameter object
+    is restored, and a ``RuntimeError`` is raised if anything wrote to the shared storage.
+    """
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "differentiable_weights() must be entered inside torch.inference_mode(False)")
+    wanted = trainable if callable(trainable) else set(trainable).__contains__
+    view = WeightView()
+    saved: list[tuple[torch.nn.Module, str, bool, torch.Tensor, torch.Tensor, int]] = []
+    seen: set[tuple[int, str]] = set()
+    try:
+        for qual, owner, local, is_param in _named_slots(module):
+            if (id(owner), local) in seen:
+                continue  # a shared submodule reached twice
+            seen.add((id(owner), local))
+            orig = owner._parameters[local] if is_param else owner._buffers[local]
+            a = alias(orig)
+            if is_param:
+                train = bool(wanted(qual))
+                if train and grad_dtype is not None and a.dtype != grad_dtype and a.is_floating_point():
+                    a = a.to(grad_dtype)
+                    view.copied_bytes += a.numel() * a.element_size()
+                new = torch.nn.Parameter(a, requires_grad=train)
+                if train:
+                    view.trainable[qual] = new
+                owner._parameters[local] = new
+            else:
+                new = a
+                owner._buffers[local] = new
+            view.aliased += 1
+            saved.append((owner, local, is_param, orig, new, new._version))
+        yield view
+    finally:
+        written = []
+        for owner, local, is_param, orig, new, version in reversed(saved):
+            if is_param:
+                owner._parameters[local] = orig
+            else:
+                owner._buffers[local] = orig
+            if new._version != version and new.data_ptr() == orig.data_ptr():
+                written.append(local)
+        # Drop our references so the aliases are freed with the graph.
+        saved.clear()
+    if written:
+        raise RuntimeError(
+            f"differentiable_weights: {len(written)} shared weight tensor(s) were modified in "
+            f"place inside the block (first: {written[0]}); the model's own weights may have "
+            "changed. This is a bug in the calling code.")

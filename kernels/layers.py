@@ -1,0 +1,54 @@
+"""Which weights are the concept-neuron candidates, found from parameter names alone.
+
+Cones (Liu et al. 2023) searches the key and value projections of cross-attention, the only
+weights that read the text condition. In ComfyUI's UNet naming they are
+``...transformer_blocks.N.attn2.to_k.weight`` and ``...attn2.to_v.weight``; ``attn1`` is
+self-attention (optional, off by default). In MMDiT models (Flux, SD3) the text stream's
+fused QKV projection plays that role; its K and V rows are the candidates.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterable
+
+_UNET_KV = re.compile(r"(^|\.)attn(?P<which>[12])\.to_(?P<kv>[kv])\.weight$")
+_FLUX_TXT_QKV = re.compile(r"(^|\.)double_blocks\.\d+\.txt_attn\.qkv\.weight$")
+_SD3_CTX_QKV = re.compile(r"(^|\.)joint_blocks\.\d+\.context_block\.attn\.qkv\.weight$")
+
+
+@dataclass(frozen=True)
+class KVLayer:
+    name: str
+    """Qualified parameter name."""
+    kind: str
+    """"k", "v" (separate projections) or "qkv" (fused; K and V are the 2nd and 3rd row thirds)."""
+    cross: bool
+    """True for cross-attention / text-stream weights, False for self-attention."""
+
+
+def concept_kv_layers(names: Iterable[str], include_self_attention: bool = False) -> list[KVLayer]:
+    """The K/V weights Cones searches, in a stable (sorted) order."""
+    out = []
+    for n in sorted(names):
+        m = _UNET_KV.search(n)
+        if m:
+            cross = m.group("which") == "2"
+            if cross or include_self_attention:
+                out.append(KVLayer(n, m.group("kv"), cross))
+            continue
+        if _FLUX_TXT_QKV.search(n) or _SD3_CTX_QKV.search(n):
+            out.append(KVLayer(n, "qkv", True))
+    return out
+
+
+def kv_weight_count(layers: Iterable[KVLayer], shapes: dict[str, tuple[int, ...]]) -> int:
+    """How many scalar K/V weights the layers hold (for fused QKV, two thirds of the rows)."""
+    total = 0
+    for layer in layers:
+        shape = shapes[layer.name]
+        n = 1
+        for d in shape:
+            n *= d
+        total += n * 2 // 3 if layer.kind == "qkv" else n
+    return total

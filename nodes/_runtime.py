@@ -1,0 +1,234 @@
+"""Shared machinery for every Concept Lab node: the one place that talks to ComfyUI internals.
+
+- :class:`ConceptLabError` and :func:`fail`: errors that name the node, the problem and the fix.
+- :func:`model_family` / :func:`require_family`: which model family a MODEL is.
+- :func:`clone_model`: the only way nodes obtain a MODEL they may patch.
+- :func:`gradients_through`: run a ComfyUI model with autograd, without copying or changing
+  its weights (ComfyUI's weights are inference tensors; see ``kernels/autograd.py``).
+- :class:`ModelGuard`: a bit-for-bit check that a MODEL came out of a node untouched.
+- :class:`Progress` and :func:`check_interrupt`: progress bar and cancel.
+
+Works on the early-2024 ComfyUI snapshot and on current ComfyUI (0.3.x); every API used here
+exists in both, or is feature-detected.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+import comfy.model_management
+import comfy.utils
+
+from ..kernels.autograd import WeightView, differentiable_weights
+from ..kernels.fingerprint import diff_digests, state_digest
+
+PACK = "ConceptLab"
+
+
+# --------------------------------------------------------------------------------------------
+# errors
+# --------------------------------------------------------------------------------------------
+class ConceptLabError(ValueError):
+    """A user-facing error. Its text names the node, says what is wrong and how to fix it."""
+
+    def __init__(self, node: str, problem: str, fix: str):
+        self.node, self.problem, self.fix = node, problem, fix
+        super().__init__(f"[{node}] {problem} Fix: {fix}")
+
+
+def fail(node: str, problem: str, fix: str) -> ConceptLabError:
+    return ConceptLabError(node, problem, fix)
+
+
+# --------------------------------------------------------------------------------------------
+# model families
+# --------------------------------------------------------------------------------------------
+# ComfyUI's supported_models config classes, by name, to our family labels. Names are stable
+# across ComfyUI versions; unknown names fall back to the base-model class below.
+_FAMILY_BY_CONFIG = {
+    "SD15": "sd1", "SD15_instructpix2pix": "sd1",
+    "SD20": "sd2", "SD21UnclipL": "sd2", "SD21UnclipH": "sd2", "SD_X4Upscaler": "sd2",
+    "SDXL": "sdxl", "SDXLRefiner": "sdxl", "SSD1B": "sdxl", "Segmind_Vega": "sdxl",
+    "KOALA_700M": "sdxl", "KOALA_1B": "sdxl", "SDXL_instructpix2pix": "sdxl",
+    "SD3": "sd3",
+    "Flux": "flux", "FluxSchnell": "flux", "FluxInpaint": "flux",
+}
+_FAMILY_BY_BASE = {"SD3": "sd3", "Flux": "flux", "SDXL": "sdxl", "SDXLRefiner": "sdxl"}
+
+FAMILY_NAMES = {
+    "sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "sd3": "SD3", "flux": "Flux",
+}
+UNET_FAMILIES = ("sd1", "sd2", "sdxl")
+DIT_FAMILIES = ("flux", "sd3")
+
+
+def _base_model(model):
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "diffusion_model"):
+        return None
+    return inner
+
+
+def model_family(model) -> str:
+    """'sd1', 'sd2', 'sdxl', 'sd3', 'flux', or 'unknown:<ConfigClass>' for a ComfyUI MODEL."""
+    base = _base_model(model)
+    if base is None:
+        return "unknown:not-a-model"
+    cfg = getattr(base, "model_config", None)
+    name = type(cfg).__name__ if cfg is not None else ""
+    if name in _FAMILY_BY_CONFIG:
+        return _FAMILY_BY_CONFIG[name]
+    for klass in type(base).__mro__:
+        if klass.__name__ in _FAMILY_BY_BASE:
+            return _FAMILY_BY_BASE[klass.__name__]
+    if type(base).__name__ == "BaseModel" and "context_dim" in getattr(cfg, "unet_config", {}):
+        return "sd2" if getattr(cfg, "unet_config", {}).get("use_linear_in_transformer") else "sd1"
+    return f"unknown:{name or type(base).__name__}"
+
+
+def family_label(family: str) -> str:
+    return FAMILY_NAMES.get(family, family.split(":", 1)[-1])
+
+
+def require_family(node: str, model, allowed: Iterable[str], what: str = "this node") -> str:
+    """Return the model's family, or raise a clear error if ``what`` does not support it."""
+    if _base_model(model) is None:
+        raise fail(node, f"The 'model' input is a {type(model).__name__}, not a diffusion MODEL.",
+                   "Connect the MODEL output of a checkpoint loader (or ConceptLab Load Demo Model).")
+    allowed = tuple(allowed)
+    fam = model_family(model)
+    if fam not in allowed:
+        names = ", ".join(family_label(a) for a in allowed)
+        raise fail(node, f"{what} does not support {family_label(fam)} models.",
+                   f"Use a model of a supported family ({names}).")
+    return fam
+
+
+# --------------------------------------------------------------------------------------------
+# non-destructive patching
+# --------------------------------------------------------------------------------------------
+def clone_model(model):
+    """A ModelPatcher clone: shares weights, owns its patch lists. Patch this, never the input."""
+    return model.clone()
+
+
+def diffusion_key(param_name: str) -> str:
+    """The ModelPatcher patch key of a diffusion-model parameter name."""
+    return "diffusion_model." + param_name
+
+
+# --------------------------------------------------------------------------------------------
+# gradients through inference tensors
+# --------------------------------------------------------------------------------------------
+def load_for_compute(*models) -> None:
+    """Have ComfyUI place the models on their compute device (weights patched as configured)."""
+    comfy.model_management.load_models_gpu(list(models))
+
+
+@contextlib.contextmanager
+def gradients_through(
+    model,
+    trainable: Iterable[str] | Callable[[str], bool] = (),
+    grad_dtype: torch.dtype | None = torch.float32,
+) -> Iterator[WeightView]:
+    """Autograd through a ComfyUI MODEL's diffusion model, zero-copy.
+
+    Leaves ``torch.inference_mode`` (ComfyUI runs nodes inside it) and aliases every weight
+    of ``model.model.diffusion_model`` as a normal tensor over the same storage, so backward
+    works without a second copy of the model. ``trainable`` names (relative to the diffusion
+    model) get ``requires_grad``; for them, weights in fp16/bf16 are lifted to ``grad_dtype``.
+    On exit the original parameter objects are restored.
+
+    Call after the model is loaded for compute (``load_for_compute``), so that the aliases
+    point at the weights on the compute device, with the patcher's patches already applied.
+    """
+    base = _base_model(model)
+    if base is None:
+        raise TypeError("gradients_through() needs a ComfyUI MODEL (ModelPatcher)")
+    with torch.inference_mode(False), torch.enable_grad():
+        with differentiable_weights(base.diffusion_model, trainable, grad_dtype) as view:
+            yield view
+
+
+# --------------------------------------------------------------------------------------------
+# bit-for-bit guard
+# --------------------------------------------------------------------------------------------
+def _patch_signature(model) -> tuple:
+    patches = getattr(model, "patches", {}) or {}
+    objs = getattr(model, "object_patches", {}) or {}
+    opts = getattr(model, "model_options", {}) or {}
+    topts = opts.get("transformer_options", {}) if isinstance(opts, dict) else {}
+    return (
+        tuple(sorted((k, len(v)) for k, v in patches.items())),
+        tuple(sorted((k, id(v)) for k, v in objs.items())),
+        tuple(sorted(opts.keys())) if isinstance(opts, dict) else (),
+        repr(sorted((k, repr(type(v))) for k, v in topts.items())),
+    )
+
+
+@dataclass
+class ModelGuard:
+    """Snapshot of a MODEL's weights (bitwise) and patch state; ``check()`` after a node ran.
+
+    Compares SHA-256 digests of every tensor in the underlying module's state dict (the same
+    nn.Module ComfyUI caches and shares between workflows) and the patcher's own patch lists.
+    """
+
+    model: object
+    digests: dict
+    patches: tuple
+
+    @classmethod
+    def of(cls, model) -> "ModelGuard":
+        return cls(model, cls._digest(model), _patch_signature(model))
+
+    @staticmethod
+    def _digest(model) -> dict:
+        module = model.model if hasattr(model, "model") else model
+        return state_digest(module.state_dict())
+
+    def changes(self) -> list[str]:
+        changed = diff_digests(self.digests, self._digest(self.model))
+        if _patch_signature(self.model) != self.patches:
+            changed.append("<patcher state: patches / object_patches / model_options>")
+        return changed
+
+    def check(self, node: str = "node") -> None:
+        changed = self.changes()
+        if changed:
+            raise AssertionError(
+                f"{node} modified the incoming MODEL: {len(changed)} tensor(s)/state changed, "
+                f"e.g. {changed[:5]}")
+
+
+# --------------------------------------------------------------------------------------------
+# progress and cancel
+# --------------------------------------------------------------------------------------------
+def interrupt_types() -> tuple[type[BaseException], ...]:
+    """The exception ComfyUI raises on cancel (an Exception in 2024, a BaseException later)."""
+    return (comfy.model_management.InterruptProcessingException,)
+
+
+def check_interrupt() -> None:
+    """Raise ComfyUI's interrupt exception if the user pressed Cancel."""
+    comfy.model_management.throw_exception_if_processing_interrupted()
+
+
+class Progress:
+    """A ComfyUI progress bar (the green bar on the node) that also checks for cancel."""
+
+    def __init__(self, total: int, node_id: str | None = None):
+        self.total = max(int(total), 1)
+        self.done = 0
+        try:
+            self._bar = comfy.utils.ProgressBar(self.total, node_id=node_id)
+        except TypeError:  # 2024 ComfyUI: no node_id argument
+            self._bar = comfy.utils.ProgressBar(self.total)
+
+    def step(self, n: int = 1, preview=None) -> None:
+        check_interrupt()
+        self.done = min(self.done + n, self.total)
+        self._bar.update_absolute(self.done, self.total, preview)

@@ -1,0 +1,53 @@
+"""ConceptLab Model Info: what Concept Lab sees in a MODEL (family, concept-neuron candidates)."""
+from __future__ import annotations
+
+import json
+
+from ..kernels.layers import concept_kv_layers, kv_weight_count
+from ._runtime import family_label, model_family, require_family, UNET_FAMILIES, DIT_FAMILIES
+
+NODE = "ConceptLab Model Info"
+
+
+def describe_model(model) -> dict:
+    """Family, parameter count and the cross-attention K/V weights Cones would search."""
+    require_family(NODE, model, UNET_FAMILIES + DIT_FAMILIES)
+    dm = model.model.diffusion_model
+    shapes = {n: tuple(p.shape) for n, p in dm.named_parameters()}
+    layers = concept_kv_layers(shapes)
+    fam = model_family(model)
+    return {
+        "family": fam,
+        "family_label": family_label(fam),
+        "parameters": sum(p.numel() for p in dm.parameters()),
+        "dtype": str(next(dm.parameters()).dtype).replace("torch.", ""),
+        "kv_layers": len(layers),
+        "kv_weights": kv_weight_count(layers, shapes),
+    }
+
+
+class ConceptLabModelInfo:
+    DESCRIPTION = ("Reports what Concept Lab sees in a MODEL: its family, its size, and how many "
+                   "cross-attention key/value weights (the concept-neuron candidates) it has. "
+                   "Does not change the model.")
+    CATEGORY = "ConceptLab/utils"
+    FUNCTION = "describe"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("info",)
+    OUTPUT_TOOLTIPS = ("The same report as JSON text.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL", {"tooltip": "Any SD1.x, SD2.x, SDXL, SD3 or Flux model."})}}
+
+    def describe(self, model):
+        info = describe_model(model)
+        text = json.dumps(info)
+        lines = [f"{info['family_label']}: {info['parameters']:,} parameters ({info['dtype']})",
+                 f"{info['kv_layers']} K/V layers, {info['kv_weights']:,} concept-neuron candidates"]
+        return {"ui": {"text": lines}, "result": (text,)}
+
+
+NODE_CLASS_MAPPINGS = {"ConceptLabModelInfo": ConceptLabModelInfo}
+NODE_DISPLAY_NAME_MAPPINGS = {"ConceptLabModelInfo": NODE}

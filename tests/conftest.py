@@ -1,0 +1,87 @@
+"""Shared fixtures. Tiers: tests/kernels (pure torch), tests/integration (ComfyUI in-process),
+tests/e2e (a real ComfyUI server over HTTP, and its front end in Chromium).
+
+Tests run with ``--import-mode=importlib`` (see pyproject.toml) so the pack root never lands on
+sys.path, where our ``nodes/`` package would shadow ComfyUI's ``nodes`` module. The pack is
+loaded through ComfyUI's own ``load_custom_node``, as ComfyUI does.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_by_path(name: str, path: Path, package_dir: Path | None = None):
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(
+        name, path, submodule_search_locations=[str(package_dir)] if package_dir else None)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# The ComfyUI harness (no ComfyUI import happens until bootstrap() is called).
+cr = _load_by_path("conceptlab_comfy_runtime", ROOT / "benchmarks" / "comfy_runtime.py")
+
+
+def kernels():
+    """The pack's kernels package, imported alone (no ComfyUI) as ``conceptlab_kernels``."""
+    _load_by_path("conceptlab_kernels", ROOT / "kernels" / "__init__.py", ROOT / "kernels")
+    return SimpleNamespace(**{m: importlib.import_module(f"conceptlab_kernels.{m}")
+                              for m in ("autograd", "fingerprint", "layers")})
+
+
+@pytest.fixture(scope="session")
+def K():
+    """Kernels namespace: K.autograd, K.fingerprint, K.layers."""
+    return kernels()
+
+
+@pytest.fixture(scope="session")
+def comfy():
+    """ComfyUI imported in-process (CPU) with the pack loaded through load_custom_node."""
+    try:
+        pack = cr.bootstrap()
+    except cr.ComfyNotFound as e:
+        pytest.skip(str(e))
+    import nodes as comfy_nodes
+    return SimpleNamespace(
+        pack=pack, nodes=comfy_nodes, version=cr.comfy_version(), modern=cr.is_modern(),
+        runtime=cr.pack_module("nodes._runtime"), demo=cr.pack_module("nodes.demo"),
+        model_info=cr.pack_module("nodes.model_info"))
+
+
+@pytest.fixture
+def demo(comfy):
+    """A fresh demo (MODEL, CLIP, VAE), built under inference_mode as ComfyUI's loaders run."""
+    import torch
+    with torch.inference_mode():
+        model, clip, vae, info = comfy.demo.build_demo_model()
+    return SimpleNamespace(model=model, clip=clip, vae=vae, info=info)
+
+
+@pytest.fixture(scope="session")
+def server():
+    """A real ComfyUI server on 127.0.0.1 with the pack in custom_nodes (temporary base dir)."""
+    try:
+        cr.comfy_root()
+    except cr.ComfyNotFound as e:
+        pytest.skip(str(e))
+    srv = cr.ComfyServer().start()
+    yield srv
+    srv.stop()
+
+
+def needs_modern(comfy_ns, what: str):
+    if not comfy_ns.modern:
+        pytest.skip(f"{what} needs a ComfyUI with comfy_api (0.3.x); this is {comfy_ns.version}. "
+                    "Set COMFYUI_PATH to a newer ComfyUI checkout to run it.")

@@ -1,0 +1,95 @@
+"""kernels.autograd: zero-copy gradients through inference tensors (pure torch)."""
+import pytest
+import torch
+
+
+
+def _inference_mlp(dtype=torch.float32):
+    with torch.inference_mode():
+        torch.manual_seed(0)
+        m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4))
+        m.register_buffer("scale", torch.full((4,), 2.0))
+        m = m.to(dtype)
+    return m
+
+
+def _forward(m, x):
+    return m(x) * m.scale
+
+
+def test_inference_weights_refuse_backward_without_help(K):
+    m = _inference_mlp()
+    x = torch.randn(3, 8, requires_grad=True)
+    with pytest.raises(RuntimeError, match="Inference tensors cannot be saved for backward"):
+        _forward(m, x).sum().backward()
+
+
+def test_alias_shares_storage_and_is_normal(K):
+    m = _inference_mlp()
+    w = m[0].weight
+    a = K.autograd.alias(w)
+    assert w.is_inference() and not a.is_inference()
+    assert a.data_ptr() == w.data_ptr() and torch.equal(a, w)
+
+
+def test_differentiable_weights_gives_grads_without_copying(K):
+    m = _inference_mlp()
+    before = K.fingerprint.state_digest(m.state_dict())
+    originals = {n: p for n, p in m.named_parameters()}
+    ptrs = {n: p.data_ptr() for n, p in m.named_parameters()}
+    x = torch.randn(3, 8, requires_grad=True)
+    with K.autograd.differentiable_weights(m, trainable={"2.weight"}) as view:
+        # inside: every parameter is a zero-copy alias of the original storage
+        for n, p in m.named_parameters():
+            assert not p.is_inference() and p.data_ptr() == ptrs[n]
+        _forward(m, x).pow(2).sum().backward()
+        g = view.trainable["2.weight"].grad
+    assert view.copied_bytes == 0 and view.aliased == 7  # 6 parameters + 1 buffer
+    assert g is not None and g.abs().sum() > 0
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    # gradient matches a reference computed on plain (cloned) weights
+    ref = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4))
+    ref.load_state_dict({k: v.clone() for k, v in m.state_dict().items() if k != "scale"})
+    xr = x.detach().clone().requires_grad_(True)
+    (ref(xr) * 2.0).pow(2).sum().backward()
+    assert torch.allclose(g, ref[2].weight.grad) and torch.allclose(x.grad, xr.grad)
+    # after: the very same parameter objects are back, weights bit-identical
+    assert all(p is originals[n] for n, p in m.named_parameters())
+    assert K.fingerprint.state_digest(m.state_dict()) == before
+
+
+def test_low_precision_trainables_get_fp32_grads(K):
+    m = _inference_mlp(torch.bfloat16)
+    x = torch.randn(3, 8, dtype=torch.bfloat16)
+    with K.autograd.differentiable_weights(m, trainable=lambda n: n == "0.weight") as view:
+        p = view.trainable["0.weight"]
+        out = torch.nn.functional.linear(x, p.to(torch.bfloat16), m[0].bias)
+        out.float().sum().backward()
+        assert p.dtype == torch.float32 and p.grad.dtype == torch.float32
+    assert view.copied_bytes == 16 * 8 * 4
+
+
+def test_in_place_write_is_detected_and_params_restored(K):
+    m = _inference_mlp()
+    originals = [p for p in m.parameters()]
+    with pytest.raises(RuntimeError, match="modified in place"):
+        with K.autograd.differentiable_weights(m):
+            with torch.no_grad():
+                m[0].bias.add_(1.0)
+    assert all(a is b for a, b in zip(m.parameters(), originals))
+
+
+def test_params_restored_when_the_block_raises(K):
+    m = _inference_mlp()
+    originals = [p for p in m.parameters()]
+    with pytest.raises(KeyError):
+        with K.autograd.differentiable_weights(m):
+            raise KeyError("boom")
+    assert all(a is b for a, b in zip(m.parameters(), originals))
+
+
+def test_must_leave_inference_mode(K):
+    m = _inference_mlp()
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        with K.autograd.differentiable_weights(m):
+            pass
