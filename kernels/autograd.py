@@ -70,6 +70,7 @@ def differentiable_weights(
     module: torch.nn.Module,
     trainable: Iterable[str] | Callable[[str], bool] = (),
     grad_dtype: torch.dtype | None = torch.float32,
+    snapshot_saved: bool = True,
 ) -> Iterator[WeightView]:
     """Make ``module`` usable with autograd without changing or copying its weights.
 
@@ -80,6 +81,12 @@ def differentiable_weights(
     ``grad_dtype``: trainable weights stored in a lower precision are given as a copy in this
     dtype (fp32 by default) so that gradients are computed in fp32; only those few tensors are
     copied. Pass ``None`` to keep the stored dtype.
+
+    ``snapshot_saved``: inference code often updates activations in place (``x += attn(x)``),
+    which autograd rejects at backward ("modified by an inplace operation") when the old value
+    was saved. With this on (default), every activation autograd saves is saved as a snapshot
+    (a clone at save time), so such code differentiates correctly without being rewritten.
+    Weights are still saved by reference. The cost is one copy of each saved activation.
 
     Must be entered outside ``torch.inference_mode()``. On exit every original parameter object
     is restored, and a ``RuntimeError`` is raised if anything wrote to the shared storage.
@@ -112,7 +119,19 @@ def differentiable_weights(
                 owner._buffers[local] = new
             view.aliased += 1
             saved.append((owner, local, is_param, orig, new, new._version))
-        yield view
+        if snapshot_saved:
+            weight_storages = {e[4].untyped_storage().data_ptr() for e in saved}
+
+            def pack(t: torch.Tensor):
+                # Weights are never written in place (checked on exit): keep them by reference.
+                if t.untyped_storage().data_ptr() in weight_storages:
+                    return t
+                return t.clone()
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                yield view
+        else:
+            yield view
     finally:
         written = []
         for owner, local, is_param, orig, new, version in reversed(saved):

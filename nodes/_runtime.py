@@ -133,6 +133,7 @@ def gradients_through(
     model,
     trainable: Iterable[str] | Callable[[str], bool] = (),
     grad_dtype: torch.dtype | None = torch.float32,
+    snapshot_saved: bool = True,
 ) -> Iterator[WeightView]:
     """Autograd through a ComfyUI MODEL's diffusion model, zero-copy.
 
@@ -140,7 +141,9 @@ def gradients_through(
     of ``model.model.diffusion_model`` as a normal tensor over the same storage, so backward
     works without a second copy of the model. ``trainable`` names (relative to the diffusion
     model) get ``requires_grad``; for them, weights in fp16/bf16 are lifted to ``grad_dtype``.
-    On exit the original parameter objects are restored.
+    On exit the original parameter objects are restored. ComfyUI's forward code updates
+    activations in place (``x += ...``); ``snapshot_saved`` (see ``kernels.autograd``) makes
+    that safe for backward.
 
     Call after the model is loaded for compute (``load_for_compute``), so that the aliases
     point at the weights on the compute device, with the patcher's patches already applied.
@@ -149,7 +152,7 @@ def gradients_through(
     if base is None:
         raise TypeError("gradients_through() needs a ComfyUI MODEL (ModelPatcher)")
     with torch.inference_mode(False), torch.enable_grad():
-        with differentiable_weights(base.diffusion_model, trainable, grad_dtype) as view:
+        with differentiable_weights(base.diffusion_model, trainable, grad_dtype, snapshot_saved) as view:
             yield view
 
 

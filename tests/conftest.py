@@ -47,7 +47,7 @@ def K():
 
 
 @pytest.fixture(scope="session")
-def comfy():
+def lab():
     """ComfyUI imported in-process (CPU) with the pack loaded through load_custom_node."""
     try:
         pack = cr.bootstrap()
@@ -61,11 +61,11 @@ def comfy():
 
 
 @pytest.fixture
-def demo(comfy):
+def demo(lab):
     """A fresh demo (MODEL, CLIP, VAE), built under inference_mode as ComfyUI's loaders run."""
     import torch
     with torch.inference_mode():
-        model, clip, vae, info = comfy.demo.build_demo_model()
+        model, clip, vae, info = lab.demo.build_demo_model()
     return SimpleNamespace(model=model, clip=clip, vae=vae, info=info)
 
 
@@ -81,7 +81,7 @@ def server():
     srv.stop()
 
 
-def needs_modern(comfy_ns, what: str):
-    if not comfy_ns.modern:
-        pytest.skip(f"{what} needs a ComfyUI with comfy_api (0.3.x); this is {comfy_ns.version}. "
+def needs_modern(lab, what: str):
+    if not lab.modern:
+        pytest.skip(f"{what} needs a ComfyUI with comfy_api (0.3.x); this is {lab.version}. "
                     "Set COMFYUI_PATH to a newer ComfyUI checkout to run it.")

@@ -93,3 +93,39 @@ def test_must_leave_inference_mode(K):
     with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
         with K.autograd.differentiable_weights(m):
             pass
+
+
+class _InPlaceBlock(torch.nn.Module):
+    """The pattern ComfyUI's transformer blocks use: residual updates done in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(8)
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        x = self.proj(x) + x
+        h = self.norm(x)  # saves x for backward
+        x += h            # ...which is then modified in place
+        return x
+
+
+def test_in_place_activation_updates_differentiate_correctly(K):
+    with torch.inference_mode():
+        torch.manual_seed(1)
+        m = _InPlaceBlock()
+    x = torch.randn(2, 8, requires_grad=True)
+    with pytest.raises(RuntimeError, match="inplace operation"):
+        with K.autograd.differentiable_weights(m, snapshot_saved=False):
+            m(x).pow(2).sum().backward()
+    x.grad = None
+    with K.autograd.differentiable_weights(m, trainable={"proj.weight"}) as view:
+        m(x).pow(2).sum().backward()
+        g = view.trainable["proj.weight"].grad
+    # reference: the same maths written without in-place updates, on plain tensors
+    ref = _InPlaceBlock()
+    ref.load_state_dict({k: v.clone() for k, v in m.state_dict().items()})
+    xr = x.detach().clone().requires_grad_(True)
+    y = ref.proj(xr) + xr
+    (y + ref.norm(y)).pow(2).sum().backward()
+    assert torch.allclose(g, ref.proj.weight.grad, atol=1e-6) and torch.allclose(x.grad, xr.grad, atol=1e-6)
