@@ -306,3 +306,64 @@ def history_error(entry: dict) -> str | None:
     if entry.get("status", {}).get("status_str") == "error":
         return "error (no message)"
     return None
+
+
+# ------------------------------------------------------------------------------------------------
+# workflow files (the UI format in example_workflows/) -> API format for /prompt
+# ------------------------------------------------------------------------------------------------
+_WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+_SKIP_TYPES = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
+
+
+def _ordered_inputs(info: dict) -> list[tuple[str, tuple]]:
+    spec = info.get("input", {})
+    order = info.get("input_order")
+    out = []
+    for section in ("required", "optional"):
+        names = order.get(section, []) if order else list(spec.get(section, {}))
+        for n in names:
+            out.append((n, tuple(spec.get(section, {}).get(n, ()))))
+    return out
+
+
+def ui_to_api(workflow: dict, object_info: dict) -> dict:
+    """Convert a saved UI workflow (LiteGraph JSON) to the API prompt format, as the front end
+    does when you press Queue. Widget values are matched to inputs by the node's input order."""
+    links = {l[0]: l for l in workflow.get("links", [])}
+    prompt = {}
+    for node in workflow["nodes"]:
+        ntype = node["type"]
+        if ntype in _SKIP_TYPES or node.get("mode", 0) in (2, 4):
+            continue
+        if ntype not in object_info:
+            raise KeyError(f"node type {ntype} (node {node['id']}) is not registered on this server")
+        linked = {}
+        for inp in node.get("inputs", []) or []:
+            if inp.get("link") is not None:
+                l = links[inp["link"]]
+                linked[inp["name"]] = [str(l[1]), l[2]]
+        values = list(node.get("widgets_values", []) or [])
+        if isinstance(node.get("widgets_values"), dict):
+            values = []
+        inputs = {}
+        for name, spec in _ordered_inputs(object_info[ntype]):
+            if name in linked:
+                inputs[name] = linked[name]
+                # a widget converted to an input still holds a slot in widgets_values
+                if spec and (isinstance(spec[0], list) or spec[0] in _WIDGET_TYPES) and node.get("widgets_values") \
+                        and any(i.get("name") == name and i.get("widget") for i in node.get("inputs", [])):
+                    values.pop(0) if values else None
+                continue
+            if not spec:
+                continue
+            kind = spec[0]
+            if isinstance(kind, list) or kind in _WIDGET_TYPES:
+                if not values:
+                    continue
+                inputs[name] = values.pop(0)
+                opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+                if kind == "INT" and (name in ("seed", "noise_seed") or opts.get("control_after_generate")):
+                    if values and values[0] in ("fixed", "increment", "decrement", "randomize"):
+                        values.pop(0)
+        prompt[str(node["id"])] = {"class_type": ntype, "inputs": inputs}
+    return prompt

@@ -1,0 +1,66 @@
+"""End to end: a real ComfyUI server (127.0.0.1, temporary base directory, the pack in its
+custom_nodes) runs the pack's example workflows posted to /prompt; results come back through
+/history and the output folder."""
+import json
+from pathlib import Path
+
+import pytest
+
+import conceptlab_comfy_runtime as cr  # the harness; tests/conftest.py loads it by path
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def object_info(server):
+    return server.get("/object_info")
+
+
+def test_server_lists_the_pack_nodes(server, object_info):
+    ours = {k: v for k, v in object_info.items() if k.startswith("ConceptLab")}
+    assert {"ConceptLabLoadDemoModel", "ConceptLabModelInfo"} <= set(ours)
+    for node_id, info in ours.items():
+        assert info["display_name"].startswith("ConceptLab"), node_id
+        assert info["description"], node_id
+        assert info["category"].startswith("ConceptLab"), node_id
+    bad = [l for l in server.log().splitlines()
+           if "ConceptLab" in l and ("Cannot import" in l or "IMPORT FAILED" in l)]
+    assert not bad, bad
+
+
+def test_example_workflows_are_valid_json_using_known_nodes(object_info):
+    files = sorted((ROOT / "example_workflows").glob("*.json"))
+    assert files
+    for f in files:
+        wf = json.loads(f.read_text())
+        prompt = cr.ui_to_api(wf, object_info)
+        assert prompt, f.name
+
+
+def test_demo_workflow_runs_through_prompt_api(server, object_info):
+    wf = json.loads((ROOT / "example_workflows" / "demo_model_txt2img.json").read_text())
+    prompt = cr.ui_to_api(wf, object_info)
+    assert prompt["5"]["inputs"]["seed"] == 1234 and prompt["5"]["inputs"]["steps"] == 20
+    prompt["5"]["inputs"]["steps"] = 4  # keep the test quick
+    entry = server.run_prompt(prompt, timeout=300)
+    assert cr.history_error(entry) is None, cr.history_error(entry)
+    images = entry["outputs"]["7"]["images"]
+    assert len(images) == 4
+    out_dir = server.base / "output"
+    for im in images:
+        path = out_dir / im.get("subfolder", "") / im["filename"]
+        assert path.is_file() and path.stat().st_size > 0
+        from PIL import Image
+        with Image.open(path) as pic:
+            assert pic.size == (64, 64)
+    text = entry["outputs"]["8"]["text"]
+    assert any("concept-neuron candidates" in t for t in text)
+
+
+def test_bad_input_is_rejected_with_a_clear_message(server):
+    prompt = {"1": {"class_type": "ConceptLabLoadDemoModel", "inputs": {"demo_model": "no-such-model"}},
+              "2": {"class_type": "ConceptLabModelInfo", "inputs": {"model": ["1", 0]}}}
+    with pytest.raises(cr.PromptRejected) as e:
+        server.run_prompt(prompt)
+    assert e.value.code == 400 and "no-such-model" in e.value.body
