@@ -240,6 +240,9 @@ class ComfyServer:
                 self.proc.wait(10)
         if getattr(self, "_log", None):
             self._log.close()
+            self._log = None
+        if self._own_base and not os.environ.get("CONCEPTLAB_KEEP_SERVER_DIR"):
+            shutil.rmtree(self.base, ignore_errors=True)
 
     def __enter__(self):
         return self.start()

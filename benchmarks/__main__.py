@@ -1,0 +1,88 @@
+"""Concept Lab's command line: ``python -m benchmarks <job> [--json PATH]``.
+
+Jobs:
+  demo    run the bundled demo end to end through a real ComfyUI server: the example workflow
+          in example_workflows/demo_model_txt2img.json is posted to /prompt; images and a summary
+          table are saved to demo_output/.
+
+Run from the pack root. The pack root is removed from sys.path before ComfyUI is touched (our
+``nodes/`` package would otherwise shadow ComfyUI's ``nodes`` module).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from . import comfy_runtime as cr
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    w = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k.ljust(w)}  {v}" for k, v in rows)
+
+
+def demo(args) -> dict:
+    out_dir = Path(args.out).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    wf_path = ROOT / "example_workflows" / "demo_model_txt2img.json"
+    print(f"[demo] ComfyUI: {cr.comfy_version()} at {cr.comfy_root()}")
+    t0 = time.time()
+    with cr.ComfyServer() as srv:
+        print(f"[demo] server up at {srv.url} in {time.time() - t0:.1f}s (instance: {srv.base})")
+        info = srv.get("/object_info")
+        ours = sorted(k for k in info if k.startswith("ConceptLab"))
+        print(f"[demo] Concept Lab nodes registered: {', '.join(ours)}")
+        prompt = cr.ui_to_api(json.loads(wf_path.read_text()), info)
+        if args.steps:
+            prompt["5"]["inputs"]["steps"] = args.steps
+        print(f"[demo] running {wf_path.name} through /prompt "
+              f"({prompt['5']['inputs']['steps']} steps, batch {prompt['4']['inputs']['batch_size']}) ...")
+        t1 = time.time()
+        entry = srv.run_prompt(prompt, timeout=900)
+        err = cr.history_error(entry)
+        if err:
+            print(srv.log()[-3000:], file=sys.stderr)
+            raise SystemExit(f"[demo] the workflow failed: {err}")
+        run_s = time.time() - t1
+        saved = []
+        for im in entry["outputs"]["7"]["images"]:
+            src = srv.base / "output" / im.get("subfolder", "") / im["filename"]
+            dst = out_dir / im["filename"]
+            shutil.copyfile(src, dst)
+            saved.append(str(dst))
+        model_text = entry["outputs"]["8"]["text"]
+    result = {
+        "comfyui": cr.comfy_version(), "workflow": wf_path.name, "images": saved,
+        "workflow_seconds": round(run_s, 2), "model_info": model_text,
+    }
+    (out_dir / "summary.json").write_text(json.dumps(result, indent=2))
+    print(_table([("ComfyUI", result["comfyui"]), ("workflow", wf_path.name),
+                  ("images", f"{len(saved)} in {out_dir}"), ("wall time", f"{run_s:.1f}s"),
+                  *[("model", t) for t in model_text]]))
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="job", required=True)
+    d = sub.add_parser("demo", help="run the bundled demo through a real ComfyUI server")
+    d.add_argument("--out", default=str(ROOT / "demo_output"), help="where images and summary.json go")
+    d.add_argument("--steps", type=int, default=0, help="override the workflow's sampling steps")
+    d.add_argument("--json", help="also write the summary to this path")
+    args = p.parse_args(argv)
+    if args.job == "demo":
+        res = demo(args)
+    if getattr(args, "json", None):
+        Path(args.json).write_text(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
