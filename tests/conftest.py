@@ -29,8 +29,11 @@ def _load_by_path(name: str, path: Path, package_dir: Path | None = None):
     return mod
 
 
-# The ComfyUI harness (no ComfyUI import happens until bootstrap() is called).
-cr = _load_by_path("conceptlab_comfy_runtime", ROOT / "benchmarks" / "comfy_runtime.py")
+# The dev-tools package (benchmarks/: harness, digits world), imported under its own name
+# without putting the pack root on sys.path. No ComfyUI import happens until bootstrap().
+_load_by_path("benchmarks", ROOT / "benchmarks" / "__init__.py", ROOT / "benchmarks")
+cr = importlib.import_module("benchmarks.comfy_runtime")
+sys.modules.setdefault("conceptlab_comfy_runtime", cr)  # short alias for test modules
 
 
 def kernels():
