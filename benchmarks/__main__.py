@@ -1,6 +1,7 @@
 """Concept Lab's command line: ``python -m benchmarks <job> [--json PATH]``.
 
 Jobs:
+  foundation  what gradients through a ComfyUI model cost (bytes copied, snapshot bytes, time)
   demo    run the bundled demo end to end through a real ComfyUI server: the example workflow
           in example_workflows/demo_model_txt2img.json is posted to /prompt; images and a summary
           table are saved to demo_output/.
@@ -76,9 +77,18 @@ def main(argv=None) -> int:
     d.add_argument("--out", default=str(ROOT / "demo_output"), help="where images and summary.json go")
     d.add_argument("--steps", type=int, default=0, help="override the workflow's sampling steps")
     d.add_argument("--json", help="also write the summary to this path")
+    f = sub.add_parser("foundation", help="cost of gradients through a ComfyUI model")
+    f.add_argument("--json", help="write the figures to this path")
     args = p.parse_args(argv)
     if args.job == "demo":
         res = demo(args)
+    elif args.job == "foundation":
+        from . import foundation
+        res = foundation.run(args)
+        for name in ("demo_unet", "mid_unet"):
+            print(f"{name}:")
+            print(_table([(k, f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v))
+                          for k, v in res[name].items()]))
     if getattr(args, "json", None):
         Path(args.json).write_text(json.dumps(res, indent=2))
     return 0

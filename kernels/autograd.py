@@ -18,6 +18,7 @@ weights bit for bit.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
@@ -51,6 +52,9 @@ class WeightView:
 
     copied_bytes: int = 0
     """Bytes copied: only trainable tensors whose dtype had to change (e.g. fp16 -> fp32)."""
+
+    snapshot_bytes: int = 0
+    """Bytes of activation snapshots taken for backward so far (see ``snapshot_saved``)."""
 
 
 def _named_slots(module: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module, str, bool]]:
@@ -121,12 +125,28 @@ def differentiable_weights(
             saved.append((owner, local, is_param, orig, new, new._version))
         if snapshot_saved:
             weight_storages = {e[4].untyped_storage().data_ptr() for e in saved}
+            # One snapshot per (tensor object, version): a tensor saved by several ops (e.g. the
+            # input of q, k and v projections) is copied once. Weak references only, so the
+            # cache never keeps a graph's memory alive.
+            cache: dict[tuple, tuple] = {}
 
             def pack(t: torch.Tensor):
                 # Weights are never written in place (checked on exit): keep them by reference.
                 if t.untyped_storage().data_ptr() in weight_storages:
                     return t
-                return t.clone()
+                key = (id(t), t._version)
+                hit = cache.get(key)
+                if hit is not None and hit[0]() is t:
+                    snap = hit[1]()
+                    if snap is not None:
+                        return snap
+                snap = t.clone()
+                view.snapshot_bytes += snap.numel() * snap.element_size()
+                if len(cache) > 4096:
+                    for k in [k for k, (o, c) in cache.items() if o() is None or c() is None]:
+                        del cache[k]
+                cache[key] = (weakref.ref(t), weakref.ref(snap))
+                return snap
 
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 yield view
