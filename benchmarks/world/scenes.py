@@ -23,9 +23,9 @@ A digit is drawn by upscaling its 8x8 grid to ``scale x scale`` pixels with bicu
 dividing by 16 and clipping to [0, 1] (the digit's *ink*), and zeroing ink below
 ``WorldConfig.ink_threshold``. The remaining pixels are exactly the pixels the digit paints (its
 mask); each gets ``round(ink * colour)``. Every painted pixel is therefore non-zero in the image
-(its brightest channel is at least ``ink_threshold * 220``), the background is exactly 0, and the
-masks of different digits are disjoint and at least ``min_gap`` blank pixels apart (chessboard
-distance), so they never touch.
+(its brightest channel is at least ``ink_threshold`` x 215 with the default palette), the
+background is exactly 0, and the masks of different digits are disjoint and at least ``min_gap``
+blank pixels apart (chessboard distance), so they never touch.
 
 Positions are thirds of the canvas: a digit "on the left" has its mask centroid placed at
 x = W/6 (+ jitter), "in the center" at W/2, "on the right" at 5W/6; the centroid is guaranteed to
@@ -123,18 +123,21 @@ class WorldConfig:
     def __post_init__(self):
         if not 1 <= self.min_digits <= self.max_digits <= len(POSITIONS):
             raise ValueError("need 1 <= min_digits <= max_digits <= 3")
-        if self.count_probs is not None and len(self.count_probs) != self.max_digits - self.min_digits + 1:
+        n_counts = self.max_digits - self.min_digits + 1
+        if self.count_probs is not None and len(self.count_probs) != n_counts:
             raise ValueError("count_probs needs one probability per digit count")
         lo, hi = self.scale_range
         if not 8 <= lo <= hi <= self.size // 2:
             raise ValueError("scale_range must satisfy 8 <= lo <= hi <= size/2")
         if len({n for n, _ in self.palette}) != len(self.palette) or not self.palette:
             raise ValueError("palette names must be unique and non-empty")
-        if any(not 0 <= c <= 9 for c in self.rare_classes) or len(set(self.rare_classes)) != len(self.rare_classes):
+        rare = self.rare_classes
+        if any(not 0 <= c <= 9 for c in rare) or len(set(rare)) != len(rare):
             raise ValueError("rare_classes must be distinct digits 0..9")
         if self.head_profile not in ("uniform", "zipf"):
             raise ValueError("head_profile must be 'uniform' or 'zipf'")
-        if self.class_weights is not None and (len(self.class_weights) != 10 or min(self.class_weights) < 0):
+        w = self.class_weights
+        if w is not None and (len(w) != 10 or min(w) < 0 or sum(w) <= 0):
             raise ValueError("class_weights needs 10 non-negative numbers")
         if any(not 0 <= b < self.n_writer_blocks for b in self.heldout_blocks):
             raise ValueError("heldout_blocks must be block numbers below n_writer_blocks")
@@ -472,7 +475,8 @@ def compose_scene(cfg: WorldConfig, specs: Sequence, rng: Optional[np.random.Gen
         attempts = max_tries if rng is not None else 0
         for t in range(attempts + 1):
             if t == attempts:  # fallback: deterministic, smallest allowed scale, no jitter
-                scale = spec.scale if spec.scale is not None else (lo if rng is not None else (lo + hi) // 2)
+                scale = spec.scale if spec.scale is not None else \
+                    (lo if rng is not None else (lo + hi) // 2)
                 jx = jy = 0
             else:
                 scale = spec.scale if spec.scale is not None else int(rng.integers(lo, cap + 1))
@@ -516,14 +520,16 @@ class _Sampler:
 
     def specs(self, rng, classes=None, colours=None, positions=None, sample_indices=None):
         cfg = self.cfg
-        given = next((len(x) for x in (sample_indices, classes, colours, positions) if x is not None), None)
+        given = next((len(x) for x in (sample_indices, classes, colours, positions)
+                      if x is not None), None)
         k = int(given if given is not None else rng.choice(self.ks, p=self.pk))
         if positions is None:
             positions = [POSITIONS[i] for i in sorted(rng.choice(3, size=k, replace=False))]
         if sample_indices is None:
             if classes is None:
                 classes = rng.choice(10, size=k, p=self.p)
-            sample_indices = [int(self.pools[int(c)][rng.integers(len(self.pools[int(c)]))]) for c in classes]
+            sample_indices = [int(self.pools[int(c)][rng.integers(len(self.pools[int(c)]))])
+                              for c in classes]
         if colours is None:
             names = cfg.colour_names
             colours = [names[int(i)] for i in rng.integers(0, len(names), size=k)]
@@ -598,7 +604,8 @@ class Dataset:
         return out
 
 
-def make_dataset(cfg: WorldConfig = WorldConfig(), n: int = 20000, seed: Optional[int] = None) -> Dataset:
+def make_dataset(cfg: WorldConfig = WorldConfig(), n: int = 20000,
+                 seed: Optional[int] = None) -> Dataset:
     """``n`` training scenes, deterministic from ``seed`` (default ``cfg.seed``). ~20k scenes
     take a few seconds."""
     rng = np.random.default_rng(cfg.seed if seed is None else seed)
