@@ -59,15 +59,11 @@ function settingIsRegistered() {
     return !!(lookup && typeof lookup === "object" && SETTING_ID in lookup);
 }
 
-function usesSettingsArray() {
-    // The 2025 front end sets app.extensionManager (its workspace store) before it imports
-    // extensions, and registers `settings` arrays itself; the 2024 one has neither.
-    return !!(app && app.extensionManager) || !!window.comfyAPI;
-}
-
 function ensureSettingRegistered() {
+    // The 2025 front end has already registered the setting from the `settings` array when the
+    // extension was registered, so this only calls addSetting (deprecated there) on front ends
+    // that ignore that array, i.e. the 2024 one.
     if (settingIsRegistered()) return;
-    if (usesSettingsArray()) return; // registered from the `settings` array below
     const dialog = settingsDialog();
     if (dialog && typeof dialog.addSetting === "function") {
         dialog.addSetting(settingDef());
@@ -160,7 +156,7 @@ function attachTag(node) {
 }
 
 function drawTitleTag(node, ctx) {
-    if (!ctx || typeof ctx.fillText !== "function" || !Array.isArray(node.size) && !node.size?.length) return;
+    if (!ctx || typeof ctx.fillText !== "function" || !node.size || !(node.size.length >= 2)) return;
     const titleHeight = window.LiteGraph?.NODE_TITLE_HEIGHT ?? 30;
     ctx.save();
     ctx.font = "10px sans-serif";
