@@ -100,7 +100,7 @@ def bootstrap(load_pack: bool = True):
         raise RuntimeError("Concept Lab's nodes/ package was imported as top-level 'nodes', shadowing "
                            "ComfyUI's nodes.py. Do not put the pack root on sys.path.")
     import comfy.options
-    comfy.options.enable_args_parsing(False) if hasattr(comfy.options, "enable_args_parsing") else None
+    comfy.options.args_parsing = False  # never parse this process's argv (pytest's, ours) as ComfyUI's
     import comfy.cli_args
     comfy.cli_args.args.cpu = True
     if hasattr(comfy.cli_args.args, "disable_api_nodes"):
@@ -214,7 +214,6 @@ class ComfyServer:
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
         env["HF_HUB_OFFLINE"] = "1"
-        env.pop("COMFYUI_PATH", None) if not os.environ.get("COMFYUI_PATH") else None
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=str(self.base), stdout=self._log, stderr=subprocess.STDOUT,
                                      env=env, start_new_session=True)
