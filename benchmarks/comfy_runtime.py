@@ -84,10 +84,12 @@ def _scrub_sys_path() -> None:
 _STATE: dict = {}
 
 
-def bootstrap(load_pack: bool = True):
+def bootstrap(load_pack: bool = True, pytorch_attention: bool = False):
     """Import ComfyUI (CPU mode) in-process; return the loaded pack module (or None).
 
     Idempotent. Safe to call from ``python -m benchmarks`` and from pytest.
+    ``pytorch_attention``: use torch's scaled_dot_product_attention (ComfyUI's
+    ``--use-pytorch-cross-attention``) instead of the CPU default; only effective on the first call.
     """
     if "pack" in _STATE or ("root" in _STATE and not load_pack):
         return _STATE.get("pack")
@@ -103,6 +105,8 @@ def bootstrap(load_pack: bool = True):
     comfy.options.args_parsing = False  # never parse this process's argv (pytest's, ours) as ComfyUI's
     import comfy.cli_args
     comfy.cli_args.args.cpu = True
+    if pytorch_attention:
+        comfy.cli_args.args.use_pytorch_cross_attention = True
     if hasattr(comfy.cli_args.args, "disable_api_nodes"):
         comfy.cli_args.args.disable_api_nodes = True
     import comfy.model_management  # noqa: F401  (reads args.cpu)

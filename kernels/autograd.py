@@ -124,31 +124,7 @@ def differentiable_weights(
             view.aliased += 1
             saved.append((owner, local, is_param, orig, new, new._version))
         if snapshot_saved:
-            weight_storages = {e[4].untyped_storage().data_ptr() for e in saved}
-            # One snapshot per (tensor object, version): a tensor saved by several ops (e.g. the
-            # input of q, k and v projections) is copied once. Weak references only, so the
-            # cache never keeps a graph's memory alive.
-            cache: dict[tuple, tuple] = {}
-
-            def pack(t: torch.Tensor):
-                # Weights are never written in place (checked on exit): keep them by reference.
-                if t.untyped_storage().data_ptr() in weight_storages:
-                    return t
-                key = (id(t), t._version)
-                hit = cache.get(key)
-                if hit is not None and hit[0]() is t:
-                    snap = hit[1]()
-                    if snap is not None:
-                        return snap
-                snap = t.clone()
-                view.snapshot_bytes += snap.numel() * snap.element_size()
-                if len(cache) > 4096:
-                    for k in [k for k, (o, c) in cache.items() if o() is None or c() is None]:
-                        del cache[k]
-                cache[key] = (weakref.ref(t), weakref.ref(snap))
-                return snap
-
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with activation_snapshots((e[4] for e in saved), view):
                 yield view
         else:
             yield view
@@ -168,3 +144,39 @@ def differentiable_weights(
             f"differentiable_weights: {len(written)} shared weight tensor(s) were modified in "
             f"place inside the block (first: {written[0]}); the model's own weights may have "
             "changed. This is a bug in the calling code.")
+
+
+@contextlib.contextmanager
+def activation_snapshots(weights: Iterable[torch.Tensor] = (), view: WeightView | None = None) -> Iterator[None]:
+    """Make code that updates activations in place (``x += f(x)``) differentiable.
+
+    Autograd saves some inputs for backward and refuses, at backward time, those that were later
+    modified in place ("modified by an inplace operation"). Inside this block every saved
+    activation is saved as a snapshot taken at save time: one clone per (tensor, version), held
+    through weak references so the cache never keeps a graph alive. Tensors sharing storage with
+    ``weights`` are saved by reference (they must not be written in place). Snapshot bytes are
+    added to ``view.snapshot_bytes`` when a view is given.
+    """
+    keep = {w.untyped_storage().data_ptr() for w in weights}
+    cache: dict[tuple, tuple] = {}
+
+    def pack(t: torch.Tensor):
+        if t.untyped_storage().data_ptr() in keep:
+            return t
+        key = (id(t), t._version)
+        hit = cache.get(key)
+        if hit is not None and hit[0]() is t:
+            snap = hit[1]()
+            if snap is not None:
+                return snap
+        snap = t.clone()
+        if view is not None:
+            view.snapshot_bytes += snap.numel() * snap.element_size()
+        if len(cache) > 4096:
+            for k in [k for k, (o, c) in cache.items() if o() is None or c() is None]:
+                del cache[k]
+        cache[key] = (weakref.ref(t), weakref.ref(snap))
+        return snap
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield
