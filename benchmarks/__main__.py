@@ -1,6 +1,8 @@
 """Concept Lab's command line: ``python -m benchmarks <job> [--json PATH]``.
 
 Jobs:
+  world       the digits world measured: judge accuracy, class-prompt accuracy vs frequency
+  train       train the digits-world demo models (CPU, about 25 minutes)
   foundation  what gradients through a ComfyUI model cost (bytes copied, snapshot bytes, time)
   demo    run the bundled demo end to end through a real ComfyUI server: the example workflow
           in example_workflows/demo_model_txt2img.json is posted to /prompt; images and a summary
@@ -58,15 +60,41 @@ def demo(args) -> dict:
             shutil.copyfile(src, dst)
             saved.append(str(dst))
         model_text = entry["outputs"]["8"]["text"]
+    # The judge (an SVM trained on real handwriting) reads what was generated.
+    from PIL import Image
+    import numpy as np
+    from .world import judge as J
+    caption = prompt["2"]["inputs"]["text"]
+    checks = [J.check_scene(np.asarray(Image.open(p).convert("RGB")), caption) for p in saved]
+    judged = sum(c["all_ok"] for c in checks)
     result = {
         "comfyui": cr.comfy_version(), "workflow": wf_path.name, "images": saved,
+        "prompt": caption, "judge_all_correct": f"{judged}/{len(checks)}",
+        "judge_reads": [[(i["read_cls"], i["read_colour"]) for i in c["digits"]] for c in checks],
         "workflow_seconds": round(run_s, 2), "model_info": model_text,
     }
     (out_dir / "summary.json").write_text(json.dumps(result, indent=2))
     print(_table([("ComfyUI", result["comfyui"]), ("workflow", wf_path.name),
                   ("images", f"{len(saved)} in {out_dir}"), ("wall time", f"{run_s:.1f}s"),
+                  ("prompt", caption),
+                  ("judge", f"{judged}/{len(checks)} images fully match the prompt (class, colour, position)"),
                   *[("model", t) for t in model_text]]))
     return result
+
+
+def _print_world(res: dict) -> None:
+    rows = [("ComfyUI", res["comfyui"]), ("judge_accuracy_real", f"{res['judge_accuracy_real']:.3f}")]
+    for k in ("unet", "dit"):
+        r = res[k]
+        if "skipped" in r:
+            rows.append((f"{k}", "skipped: " + r["skipped"]))
+            continue
+        rows += [(f"{k}.frequent_class_accuracy", f"{r['frequent_class_accuracy']:.3f}"),
+                 (f"{k}.rare_class_accuracy", f"{r['rare_class_accuracy']:.3f} (classes {r['rare_classes']})"),
+                 (f"{k}.plot", r["plot"])]
+        rows += [(f"{k}.class {c}", f"acc {v['accuracy']:.2f}  freq {v['train_frequency']:.3f}")
+                 for c, v in r["per_class"].items()]
+    print(_table(rows))
 
 
 def main(argv=None) -> int:
@@ -77,11 +105,23 @@ def main(argv=None) -> int:
     d.add_argument("--out", default=str(ROOT / "demo_output"), help="where images and summary.json go")
     d.add_argument("--steps", type=int, default=0, help="override the workflow's sampling steps")
     d.add_argument("--json", help="also write the summary to this path")
+    w = sub.add_parser("world", help="measure the digits world and its demo models")
+    from .world import evaluate as world_eval
+    world_eval.add_arguments(w)
+    t = sub.add_parser("train", help="train the digits-world demo models on this CPU")
+    from .world import train as world_train
+    world_train.add_arguments(t)
+    t.add_argument("--json", help="write the training figures to this path")
     f = sub.add_parser("foundation", help="cost of gradients through a ComfyUI model")
     f.add_argument("--json", help="write the figures to this path")
     args = p.parse_args(argv)
     if args.job == "demo":
         res = demo(args)
+    elif args.job == "world":
+        res = world_eval.run(args)
+        _print_world(res)
+    elif args.job == "train":
+        res = world_train.main(args)
     elif args.job == "foundation":
         from . import foundation
         res = foundation.run(args)

@@ -49,7 +49,7 @@ VAE_PARAMS = {
     "embed_dim": 4,
     "ddconfig": {
         "double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3,
-        "ch": 32, "ch_mult": [1, 2, 2, 2], "num_res_blocks": 1, "attn_resolutions": [],
+        "ch": 32, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 0, "attn_resolutions": [],
         "dropout": 0.0,
     },
 }
