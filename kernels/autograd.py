@@ -172,10 +172,8 @@ def activation_snapshots(weights: Iterable[torch.Tensor] = (), view: WeightView 
         snap = t.clone()
         if view is not None:
             view.snapshot_bytes += snap.numel() * snap.element_size()
-        if len(cache) > 4096:
-            for k in [k for k, (o, c) in cache.items() if o() is None or c() is None]:
-                del cache[k]
-        cache[key] = (weakref.ref(t), weakref.ref(snap))
+        drop = lambda _ref, key=key: cache.pop(key, None)  # noqa: E731  (entry dies with either tensor)
+        cache[key] = (weakref.ref(t, drop), weakref.ref(snap, drop))
         return snap
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

@@ -106,12 +106,16 @@ def train_vae(images: torch.Tensor, steps: int, batch: int = 64, lr: float = 2e-
 
 
 @torch.no_grad()
+def posterior_means(ae, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """The VAE encoder's posterior means, computed in batches."""
+    return torch.cat([_vae_encode_moments(ae, images[i:i + batch]).chunk(2, dim=1)[0]
+                      for i in range(0, images.shape[0], batch)])
+
+
+@torch.no_grad()
 def fold_latent_scale(ae, images: torch.Tensor, target_scale: float = 0.18215) -> float:
     """Rescale the VAE's latent space so that ``latent * target_scale`` has unit std (exact)."""
-    means = []
-    for i in range(0, min(images.shape[0], 2048), 256):
-        means.append(_vae_encode_moments(ae, images[i:i + 256]).chunk(2, dim=1)[0])
-    std = torch.cat(means).std().item()
+    std = posterior_means(ae, images[:2048]).std().item()
     c = 1.0 / (target_scale * std)
     zc = ae.quant_conv.weight.shape[0] // 2
     ae.quant_conv.weight[:zc] *= c
@@ -159,13 +163,9 @@ class CaptionTokens:
         return ids
 
 
-@torch.no_grad()
-def encode_latents(ae, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+def encode_latents(ae, images: torch.Tensor) -> torch.Tensor:
     """Posterior means, already multiplied by the SD1.x latent scale (what the UNet sees)."""
-    out = []
-    for i in range(0, images.shape[0], batch):
-        out.append(_vae_encode_moments(ae, images[i:i + batch]).chunk(2, dim=1)[0])
-    return torch.cat(out) * 0.18215
+    return posterior_means(ae, images) * 0.18215
 
 
 def train_unet(base, clip_l, tokens: CaptionTokens, latents: torch.Tensor, records, seconds: float,
