@@ -2,11 +2,13 @@
 
 Jobs:
   world       the digits world measured: judge accuracy, class-prompt accuracy vs frequency
-  train       train the digits-world demo models (CPU, about 25 minutes)
+  train       train a digits-world demo model on the CPU in under 30 minutes
+              (--model unet: VAE + text encoder + UNet; --model dit: the MMDiT, ComfyUI 0.3.x)
   foundation  what gradients through a ComfyUI model cost (bytes copied, snapshot bytes, time)
-  demo    run the bundled demo end to end through a real ComfyUI server: the example workflow
-          in example_workflows/demo_model_txt2img.json is posted to /prompt; images and a summary
-          table are saved to demo_output/.
+  demo        the bundled digits-world demo end to end through a real ComfyUI server: the example
+              workflows demo_model_txt2img.json (and demo_dit_txt2img.json on ComfyUI 0.3.x) are
+              posted to /prompt; images and a summary table (with the judge's reading) go to
+              demo_output/.
 
 Run from the pack root. The pack root is removed from sys.path before ComfyUI is touched (our
 ``nodes/`` package would otherwise shadow ComfyUI's ``nodes`` module).
@@ -30,55 +32,86 @@ def _table(rows: list[tuple[str, str]]) -> str:
     return "\n".join(f"  {k.ljust(w)}  {v}" for k, v in rows)
 
 
+def _progress_printer(label: str):
+    t0 = time.time()
+    last = [None]
+
+    def show(srv) -> None:
+        prog = srv.sampling_progress()
+        if prog and prog != last[0]:
+            done, total = prog
+            bar = "#" * round(20 * done / max(total, 1))
+            print(f"\r[demo] {label}: sampling step {done:>3}/{total} [{bar:<20}] {time.time() - t0:5.1f}s",
+                  end="", flush=True)
+            last[0] = prog
+    return show
+
+
+def _run_workflow(srv, info: dict, name: str, steps: int, out_dir: Path) -> dict:
+    from PIL import Image
+    import numpy as np
+    from .world import judge as J
+    wf_path = ROOT / "example_workflows" / name
+    prompt = cr.ui_to_api(json.loads(wf_path.read_text()), info)
+    if steps:
+        prompt["5"]["inputs"]["steps"] = steps
+    model = prompt["1"]["inputs"]["demo_model"]
+    print(f"[demo] {name}: {model}, {prompt['5']['inputs']['steps']} steps, CFG {prompt['5']['inputs']['cfg']}, "
+          f"batch {prompt['4']['inputs']['batch_size']}")
+    t1 = time.time()
+    entry = srv.run_prompt(prompt, timeout=900, on_wait=_progress_printer(name))
+    print()
+    err = cr.history_error(entry)
+    if err:
+        print(srv.log()[-3000:], file=sys.stderr)
+        raise SystemExit(f"[demo] the workflow {name} failed: {err}")
+    run_s = time.time() - t1
+    saved = []
+    for im in entry["outputs"]["7"]["images"]:
+        src = srv.base / "output" / im.get("subfolder", "") / im["filename"]
+        dst = out_dir / im["filename"]
+        shutil.copyfile(src, dst)
+        saved.append(str(dst))
+    # The judge (an SVM trained on real handwriting) reads what was generated.
+    caption = prompt["2"]["inputs"]["text"]
+    checks = [J.check_scene(np.asarray(Image.open(p).convert("RGB")), caption) for p in saved]
+    digits = [d for c in checks for d in c["digits"]]
+    return {
+        "workflow": name, "model": model, "images": saved, "prompt": caption,
+        "judge_all_correct": f"{sum(c['all_ok'] for c in checks)}/{len(checks)}",
+        "judge_digits": {k: f"{sum(bool(d.get(k)) for d in digits)}/{len(digits)}"
+                         for k in ("found", "class_ok", "colour_ok")},
+        "judge_reads": [[(i["read_cls"], i["read_colour"]) for i in c["digits"]] for c in checks],
+        "workflow_seconds": round(run_s, 2), "model_info": entry["outputs"]["8"]["text"],
+    }
+
+
 def demo(args) -> dict:
     out_dir = Path(args.out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    wf_path = ROOT / "example_workflows" / "demo_model_txt2img.json"
     print(f"[demo] ComfyUI: {cr.comfy_version()} at {cr.comfy_root()}")
+    names = ["demo_model_txt2img.json"] + (["demo_dit_txt2img.json"] if cr.is_modern() else [])
     t0 = time.time()
     with cr.ComfyServer() as srv:
         print(f"[demo] server up at {srv.url} in {time.time() - t0:.1f}s (instance: {srv.base})")
         info = srv.get("/object_info")
         ours = sorted(k for k in info if k.startswith("ConceptLab"))
         print(f"[demo] Concept Lab nodes registered: {', '.join(ours)}")
-        prompt = cr.ui_to_api(json.loads(wf_path.read_text()), info)
-        if args.steps:
-            prompt["5"]["inputs"]["steps"] = args.steps
-        print(f"[demo] running {wf_path.name} through /prompt "
-              f"({prompt['5']['inputs']['steps']} steps, batch {prompt['4']['inputs']['batch_size']}) ...")
-        t1 = time.time()
-        entry = srv.run_prompt(prompt, timeout=900)
-        err = cr.history_error(entry)
-        if err:
-            print(srv.log()[-3000:], file=sys.stderr)
-            raise SystemExit(f"[demo] the workflow failed: {err}")
-        run_s = time.time() - t1
-        saved = []
-        for im in entry["outputs"]["7"]["images"]:
-            src = srv.base / "output" / im.get("subfolder", "") / im["filename"]
-            dst = out_dir / im["filename"]
-            shutil.copyfile(src, dst)
-            saved.append(str(dst))
-        model_text = entry["outputs"]["8"]["text"]
-    # The judge (an SVM trained on real handwriting) reads what was generated.
-    from PIL import Image
-    import numpy as np
-    from .world import judge as J
-    caption = prompt["2"]["inputs"]["text"]
-    checks = [J.check_scene(np.asarray(Image.open(p).convert("RGB")), caption) for p in saved]
-    judged = sum(c["all_ok"] for c in checks)
-    result = {
-        "comfyui": cr.comfy_version(), "workflow": wf_path.name, "images": saved,
-        "prompt": caption, "judge_all_correct": f"{judged}/{len(checks)}",
-        "judge_reads": [[(i["read_cls"], i["read_colour"]) for i in c["digits"]] for c in checks],
-        "workflow_seconds": round(run_s, 2), "model_info": model_text,
-    }
+        runs = [_run_workflow(srv, info, name, args.steps, out_dir) for name in names]
+    result = {"comfyui": cr.comfy_version(), "runs": runs}
+    if not cr.is_modern():
+        result["skipped"] = ("demo_dit_txt2img.json: the DiT demo model needs ComfyUI's SD3 MMDiT classes "
+                             "(set COMFYUI_PATH to ComfyUI 0.3.x)")
     (out_dir / "summary.json").write_text(json.dumps(result, indent=2))
-    print(_table([("ComfyUI", result["comfyui"]), ("workflow", wf_path.name),
-                  ("images", f"{len(saved)} in {out_dir}"), ("wall time", f"{run_s:.1f}s"),
-                  ("prompt", caption),
-                  ("judge", f"{judged}/{len(checks)} images fully match the prompt (class, colour, position)"),
-                  *[("model", t) for t in model_text]]))
+    rows = [("ComfyUI", result["comfyui"])]
+    for r in runs:
+        rows += [(r["workflow"], r["model"]), ("  prompt", r["prompt"]),
+                 ("  images", f"{len(r['images'])} in {out_dir}"), ("  wall time", f"{r['workflow_seconds']:.1f}s"),
+                 ("  judge: images fully right", f"{r['judge_all_correct']} (class, colour and position of every digit)"),
+                 ("  judge: digits", ", ".join(f"{k} {v}" for k, v in r["judge_digits"].items()))]
+    if "skipped" in result:
+        rows.append(("skipped", result["skipped"]))
+    print(_table(rows))
     return result
 
 

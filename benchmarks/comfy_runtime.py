@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import os
 import shutil
 import socket
@@ -253,6 +254,12 @@ class ComfyServer:
     def __exit__(self, *exc):
         self.stop()
 
+    def sampling_progress(self) -> tuple[int, int] | None:
+        """The last ``done/total`` step count the server's sampler progress bar printed."""
+        tail = self.log()[-2000:]
+        hits = re.findall(r"(\d+)/(\d+) \[", tail)
+        return (int(hits[-1][0]), int(hits[-1][1])) if hits else None
+
     def log(self) -> str:
         try:
             return self.log_path.read_text(errors="replace")
@@ -275,8 +282,9 @@ class ComfyServer:
             detail = e.read().decode(errors="replace")
             raise PromptRejected(e.code, detail) from None
 
-    def run_prompt(self, prompt: dict, timeout: float = 600) -> dict:
-        """Queue an API-format workflow and wait for it; returns its /history entry."""
+    def run_prompt(self, prompt: dict, timeout: float = 600, on_wait=None) -> dict:
+        """Queue an API-format workflow and wait for it; returns its /history entry.
+        ``on_wait(server)`` is called at every poll (progress displays)."""
         client_id = uuid.uuid4().hex
         res = self.post("/prompt", {"prompt": prompt, "client_id": client_id})
         pid = res["prompt_id"]
@@ -290,6 +298,8 @@ class ComfyServer:
                     return entry
             if self.proc and self.proc.poll() is not None:
                 raise RuntimeError(f"ComfyUI died while running the prompt:\n{self.log()[-4000:]}")
+            if on_wait is not None:
+                on_wait(self)
             time.sleep(0.3)
         raise TimeoutError(f"prompt {pid} did not finish within {timeout}s")
 

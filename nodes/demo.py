@@ -1,14 +1,19 @@
 """The bundled demo models: tiny text-to-image models built from ComfyUI's own classes.
 
 They let every Concept Lab capability run, and be measured, on a CPU with nothing to download.
-The UNet model is an SD1.x-architecture latent diffusion model (``comfy.supported_models.SD15``
-with a small ``unet_config``), a tiny CLIP text encoder (ComfyUI's ``SDClipModel`` with
-ComfyUI's shipped CLIP tokenizer) and a tiny ``AutoencoderKL`` VAE (8x downscale, 4 latent
-channels, so ComfyUI's stock EmptyLatentImage / VAEDecode work unchanged).
 
-Weights come from ``demo/<name>.safetensors`` in this pack when present (trained by
-``python -m benchmarks.train``); otherwise the architecture is built with a deterministic,
-seeded initialisation and the node says so in its log line.
+* ``digits_unet``: an SD1.x-architecture latent diffusion model (ComfyUI's SD1.x UNet with a small
+  ``unet_config``, v-prediction), a tiny CLIP text encoder (ComfyUI's ``SDClipModel`` with
+  ComfyUI's shipped CLIP tokenizer) and a tiny ``AutoencoderKL`` VAE (8x downscale, 4 latent
+  channels, so ComfyUI's stock EmptyLatentImage / VAEDecode work unchanged).
+* ``digits_dit``: ComfyUI's SD3 MMDiT (joint text/image attention, rectified flow) with patch
+  size 1 on the same latents, sharing the text encoder and VAE of ``digits_unet``. It needs a
+  ComfyUI with SD3 classes (0.3.x); older ones get a clear error.
+
+Weights come from ``demo/<name>.safetensors`` in this pack (trained by
+``python -m benchmarks train``, see ``benchmarks/world/train.py``); when a file is missing the
+architecture is built with a deterministic, seeded initialisation and the node says so in its
+log line.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ import os
 
 import torch
 
+import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
 import comfy.sd
@@ -42,7 +48,7 @@ UNET_CONFIG = {
     "use_linear_in_transformer": False, "adm_in_channels": None,
     "use_temporal_attention": False, "use_temporal_resblock": False,
     "use_checkpoint": False, "use_spatial_transformer": True, "legacy": False,
-    "num_heads": 8, "num_head_channels": -1,
+    "num_heads": -1, "num_head_channels": 16,
 }
 
 VAE_PARAMS = {
@@ -54,8 +60,28 @@ VAE_PARAMS = {
     },
 }
 
+#: The MMDiT demo model: ComfyUI's SD3 transformer (``comfy.ldm.modules.diffusionmodules.mmdit``,
+#: joint text/image attention) with patch size 1 on the same 4-channel latents as the UNet model, so
+#: each of the 8x8 latent pixels is one image token. ``depth`` fixes the width (64 x depth, one 64-wide
+#: head per unit of depth, ComfyUI's MMDiT convention); ``num_blocks`` is the number of joint blocks.
+#: Flux is not used because ComfyUI 0.3.68's Flux un-patchifies with a hard-coded patch size of 2.
+DIT_CONFIG = {
+    "in_channels": 4, "out_channels": 4, "patch_size": 1, "depth": 1, "num_blocks": 4,
+    "mlp_ratio": 4.0, "adm_in_channels": TEXT_DIM, "qkv_bias": True,
+    "context_embedder_config": {"target": "torch.nn.Linear",
+                                "params": {"in_features": TEXT_DIM, "out_features": 64}},
+    "pos_embed_max_size": None, "num_patches": None,
+}
+DIT_SHIFT = 1.0
+
+#: CFG scales the demo models are measured at (python -m benchmarks world) and that the example
+#: workflows use. High CFG empties the canvas: a one-digit prompt has fewer digits than the
+#: unconditional average, and guidance extrapolates that difference.
+DEFAULT_CFG = {"digits_unet": 3.0, "digits_dit": 3.0}
+
 DEMO_MODELS = {
     "digits-unet (SD1.x architecture)": "digits_unet",
+    "digits-dit (SD3 MMDiT architecture, ComfyUI 0.3.x)": "digits_dit",
 }
 
 
@@ -100,41 +126,98 @@ def _seeded_init_(module: torch.nn.Module, seed: int) -> None:
         p.copy_(vals.to(p.dtype))
 
 
-def demo_weights_path(key: str) -> str:
-    return os.path.join(DEMO_DIR, f"{key}.safetensors")
+def demo_weights_path(key: str, directory: str | None = None) -> str:
+    return os.path.join(directory or DEMO_DIR, f"{key}.safetensors")
+
+
+def _metadata(path: str) -> dict:
+    """The JSON-decoded safetensors metadata of a demo weights file."""
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        raw = f.metadata() or {}
+    out = {}
+    for k, v in raw.items():
+        try:
+            out[k] = json.loads(v)
+        except ValueError:
+            out[k] = v
+    return out
 
 
 def _split(sd: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
-def build_demo_model(key: str = "digits_unet"):
-    """(MODEL, CLIP, VAE, info) for a demo model, built through ComfyUI's own classes."""
-    import safetensors.torch
+def has_mmdit() -> bool:
+    """Whether this ComfyUI has the SD3 MMDiT classes the DiT demo model is built from."""
+    return hasattr(comfy.supported_models, "SD3") and hasattr(comfy.model_base, "SD3")
 
-    path = demo_weights_path(key)
-    trained = os.path.isfile(path)
-    sd = safetensors.torch.load_file(path) if trained else None
 
-    load_device = comfy.model_management.get_torch_device()
-    offload_device = comfy.model_management.unet_offload_device()
+def dit_model_config():
+    """ComfyUI model config of the DiT demo model: SD3's MMDiT on the SD1.x 4-channel latents."""
+    import comfy.latent_formats
+    if not has_mmdit():
+        raise fail("ConceptLab Load Demo Model",
+                   "The DiT demo model is built from ComfyUI's SD3 MMDiT classes, which this ComfyUI "
+                   "does not have.", "Update ComfyUI (0.3.x or newer), or load the digits-unet demo model.")
 
-    cfg = comfy.supported_models.SD15(dict(UNET_CONFIG))
-    base = cfg.get_model({})
-    unet = base.diffusion_model
-    if sd is not None:
-        unet.load_state_dict(_split(sd, "unet."), strict=True)
-    else:
-        _seeded_init_(unet, 1)
-    base.eval()
-    model = comfy.model_patcher.ModelPatcher(base, load_device=load_device, offload_device=offload_device)
+    from comfy.ldm.modules.diffusionmodules.mmdit import OpenAISignatureMMDITWrapper
 
+    class DigitsMMDiTNet(OpenAISignatureMMDITWrapper):
+        """ComfyUI's MMDiT, unchanged except for the patch-grid size: ComfyUI computes it as
+        (h + 1) // p, right only for p == 2; here it is ceil(h / p) for any patch size."""
+
+        def _grid_hw(self, hw):
+            p = self.x_embedder.patch_size[0]
+            return tuple(-(-int(v) // p) * p - 1 for v in hw)  # ComfyUI's (v + 1) // p = ceil(v / p)
+
+        def cropped_pos_embed(self, hw, device=None):
+            return super().cropped_pos_embed(self._grid_hw(hw), device=device)
+
+        def unpatchify(self, x, hw=None):
+            return super().unpatchify(x, hw=None if hw is None else self._grid_hw(hw))
+
+    class DigitsSD3(comfy.model_base.SD3):
+        def __init__(self, model_config, model_type=comfy.model_base.ModelType.FLOW, device=None):
+            comfy.model_base.BaseModel.__init__(self, model_config, model_type, device=device,
+                                                unet_model=DigitsMMDiTNet)
+
+    class DigitsMMDiT(comfy.supported_models.SD3):
+        unet_config = dict(DIT_CONFIG)
+        sampling_settings = {"shift": DIT_SHIFT}
+        latent_format = comfy.latent_formats.SD15
+        memory_usage_factor = 1.0
+
+        def get_model(self, state_dict, prefix="", device=None):
+            return DigitsSD3(self, device=device)
+
+    return DigitsMMDiT(dict(DIT_CONFIG))
+
+
+def unet_model_config():
+    return comfy.supported_models.SD15(dict(UNET_CONFIG))
+
+
+def _diffusion_base(key: str, meta: dict):
+    """The ComfyUI BaseModel (untrained) of a demo model."""
+    if key == "digits_dit":
+        return dit_model_config().get_model({})
+    prediction = meta.get("prediction", "eps")
+    model_type = {"eps": comfy.model_base.ModelType.EPS,
+                  "v": comfy.model_base.ModelType.V_PREDICTION}.get(prediction)
+    if model_type is None:
+        raise fail("ConceptLab Load Demo Model", f"The demo weights declare an unknown prediction type "
+                   f"{prediction!r}.", "Retrain with python -m benchmarks train, or restore the shipped file.")
+    return comfy.model_base.BaseModel(unet_model_config(), model_type=model_type)
+
+
+def build_text_and_vae(sd):
+    """CLIP and VAE of the demo models (shared by both), from a ``clip.*`` / ``vae.*`` state dict."""
     clip = comfy.sd.CLIP(target=_ClipTarget)
     if sd is not None:
         clip.load_sd(_split(sd, "clip."))
     else:
         _seeded_init_(clip.cond_stage_model, 2)
-
     vae_sd = _split(sd, "vae.") if sd is not None else None
     if vae_sd is None:
         from comfy.ldm.models.autoencoder import AutoencoderKL
@@ -143,8 +226,39 @@ def build_demo_model(key: str = "digits_unet"):
         _seeded_init_(probe, 3)
         vae_sd = probe.state_dict()
     vae = comfy.sd.VAE(sd=vae_sd, config={"params": VAE_PARAMS})
+    return clip, vae
 
-    info = {"name": key, "trained": trained, "family": "sd1", "weights": path if trained else None}
+
+def build_demo_model(key: str = "digits_unet", directory: str | None = None):
+    """(MODEL, CLIP, VAE, info) for a demo model, built through ComfyUI's own classes.
+
+    ``digits_unet`` holds the UNet, the text encoder and the VAE; ``digits_dit`` holds only the
+    MMDiT and shares the text encoder and VAE of ``digits_unet`` (it was trained on them, frozen)."""
+    import safetensors.torch
+
+    path = demo_weights_path(key, directory)
+    trained = os.path.isfile(path)
+    sd = safetensors.torch.load_file(path) if trained else None
+    meta = _metadata(path) if trained else {}
+    prefix = "dit." if key == "digits_dit" else "unet."
+
+    base = _diffusion_base(key, meta)
+    if sd is not None:
+        base.diffusion_model.load_state_dict(_split(sd, prefix), strict=True)
+    else:
+        _seeded_init_(base.diffusion_model, 1)
+    base.eval()
+    model = comfy.model_patcher.ModelPatcher(base, load_device=comfy.model_management.get_torch_device(),
+                                             offload_device=comfy.model_management.unet_offload_device())
+
+    shared_path = demo_weights_path("digits_unet", directory)
+    shared = sd if key == "digits_unet" else (
+        safetensors.torch.load_file(shared_path) if os.path.isfile(shared_path) else None)
+    clip, vae = build_text_and_vae(shared)
+
+    family = "sd3" if key == "digits_dit" else "sd1"
+    info = {"name": key, "trained": trained, "family": family, "weights": path if trained else None,
+            "recommended": {"width": 64, "height": 64, "cfg": DEFAULT_CFG[key], "steps": 20}}
     if not trained:
         log.warning("ConceptLab: demo model %s has no trained weights at %s; using a seeded "
                     "untrained initialisation (architecture preview only).", key, path)
@@ -157,7 +271,12 @@ def build_demo_model(key: str = "digits_unet"):
 class ConceptLabLoadDemoModel:
     DESCRIPTION = ("Loads one of Concept Lab's bundled demo models (tiny, CPU-friendly, nothing to "
                    "download) as ordinary MODEL, CLIP and VAE outputs, so every Concept Lab node "
-                   "and ComfyUI's stock samplers can be tried in minutes. Use 64x64 latents.")
+                   "and ComfyUI's stock samplers can be tried in minutes. Both were trained on this "
+                   "pack's digits world (real handwritten digits, coloured and placed by the "
+                   "prompt, e.g. 'a red seven on the left and a blue two on the right'). "
+                   "digits-unet is an SD1.x-architecture v-prediction model; digits-dit is an SD3 "
+                   "MMDiT (flow) model and needs ComfyUI 0.3.x. Use a 64x64 empty latent, about 20 "
+                   "steps and CFG 3 (high CFG empties the canvas).")
     CATEGORY = "ConceptLab/demo"
     FUNCTION = "load"
     RETURN_TYPES = ("MODEL", "CLIP", "VAE", "STRING")

@@ -28,11 +28,11 @@ def world_config_of(path: Path) -> S.WorldConfig:
     with safe_open(str(path), "pt") as f:
         meta = f.metadata() or {}
     raw = json.loads(meta.get("world", "{}"))
-    fields = {k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items()
-              if k in S.WorldConfig.__dataclass_fields__}
-    if "palette" in fields:
-        fields["palette"] = tuple(tuple(p) if isinstance(p, list) else p for p in raw["palette"])
-    return S.WorldConfig(**fields)
+
+    def frozen(v):  # JSON lists back to the (nested) tuples a frozen, hashable WorldConfig holds
+        return tuple(frozen(x) for x in v) if isinstance(v, list) else v
+
+    return S.WorldConfig(**{k: frozen(v) for k, v in raw.items() if k in S.WorldConfig.__dataclass_fields__})
 
 
 def generate(model, clip, vae, prompt: str, n: int, seed: int, steps: int, cfg: float,
@@ -91,15 +91,16 @@ def plot_curve(path: Path, freqs: dict, accs: dict, rare: tuple, title: str) -> 
     im.save(path)
 
 
-def evaluate_model(key: str, per_class: int, steps: int, cfg_scale: float, seed: int, out_dir: Path) -> dict:
+def evaluate_model(key: str, per_class: int, steps: int, cfg_scale: float, seed: int, out_dir: Path,
+                   models_dir: str | None = None) -> dict:
     demo = cr.pack_module("nodes.demo")
-    path = Path(demo.demo_weights_path(key))
+    path = Path(demo.demo_weights_path(key, models_dir))
     if not path.is_file():
         return {"skipped": f"no trained weights at {path}; run python -m benchmarks train"}
     wcfg = world_config_of(path)
     judge = J.get_judge(wcfg)
     with torch.inference_mode():
-        model, clip, vae, _info = demo.build_demo_model(key)
+        model, clip, vae, _info = demo.build_demo_model(key, models_dir)
     freqs = {c: float(f) for c, f in enumerate(S.class_frequencies(wcfg))}
     accs, t0 = {}, time.time()
     for c in range(10):
@@ -124,24 +125,32 @@ def evaluate_model(key: str, per_class: int, steps: int, cfg_scale: float, seed:
 
 def run(args) -> dict:
     cr.bootstrap()
+    demo = cr.pack_module("nodes.demo")
     out_dir = Path(args.json).resolve().parent if args.json else Path.cwd()
-    cfg = S.WorldConfig()
+    unet_path = Path(demo.demo_weights_path("digits_unet", args.models_dir))
+    cfg = world_config_of(unet_path) if unet_path.is_file() else S.WorldConfig()
     real = J.evaluate_judge(cfg)
-    res = {"comfyui": cr.comfy_version(),
+    res = {"comfyui": cr.comfy_version(), "models_dir": str(unet_path.parent),
            "judge_accuracy_real": round(real["heldout_real_acc"], 4),
            "judge": real}
-    res["unet"] = evaluate_model("digits_unet", args.per_class, args.steps, args.cfg, args.seed, out_dir)
-    if cr.is_modern():
-        res["dit"] = evaluate_model("digits_dit", args.per_class, args.steps, args.cfg, args.seed, out_dir)
+    res["unet"] = evaluate_model("digits_unet", args.per_class, args.steps,
+                                 args.cfg or demo.DEFAULT_CFG["digits_unet"], args.seed, out_dir, args.models_dir)
+    if demo.has_mmdit():
+        res["dit"] = evaluate_model("digits_dit", args.per_class, args.steps,
+                                    args.dit_cfg or demo.DEFAULT_CFG["digits_dit"], args.seed, out_dir,
+                                    args.models_dir)
     else:
-        res["dit"] = {"skipped": f"the DiT demo model needs ComfyUI's Flux classes; {cr.comfy_version()} "
-                                 "has none (set COMFYUI_PATH to a newer ComfyUI)"}
+        res["dit"] = {"skipped": f"the DiT demo model needs ComfyUI's SD3 MMDiT classes; {cr.comfy_version()} "
+                                 "has none (set COMFYUI_PATH to ComfyUI 0.3.x)"}
     return res
 
 
 def add_arguments(p) -> None:
     p.add_argument("--per-class", type=int, default=40, help="images generated per class prompt")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--cfg", type=float, default=5.0)
+    p.add_argument("--cfg", type=float, default=0.0, help="CFG scale for the UNet model (0: its default)")
+    p.add_argument("--dit-cfg", type=float, default=0.0, help="CFG scale for the DiT model (0: its default)")
     p.add_argument("--seed", type=int, default=100)
+    p.add_argument("--models-dir", default=None,
+                   help="folder with digits_unet/digits_dit.safetensors (default: the pack's demo/)")
     p.add_argument("--json", help="write the figures to this path (the plot goes beside it)")

@@ -1,6 +1,6 @@
 """Train the digits-world demo models on a CPU, through ComfyUI's own model classes.
 
-``python -m benchmarks train [--world-seed S] [--rare 8 9] [--minutes M] [--out demo/]``
+``python -m benchmarks train [--model unet|dit] [--world-seed S] [--rare 8 9] [--out demo/]``
 
 Stages (each through the exact classes the pack's ``ConceptLab Load Demo Model`` builds, so the
 weights load back into ComfyUI unchanged):
@@ -9,14 +9,24 @@ weights load back into ComfyUI unchanged):
    a small KL term. Afterwards its latent scale is folded into ``quant_conv``/``post_quant_conv``
    (an exact reparametrisation) so that ComfyUI's SD1.x latent scale (0.18215) gives latents of
    unit standard deviation.
-2. **UNet + text encoder** — ``comfy.supported_models.SD15`` with the tiny ``unet_config`` and
-   ComfyUI's ``SDClipModel`` with a tiny CLIP config and ComfyUI's CLIP tokenizer, trained
-   jointly with the EPS objective on ComfyUI's own discrete sigma schedule, 10% caption dropout
-   for classifier-free guidance, and caption augmentation (colour and position words dropped at
-   random, so plain class prompts such as "a seven" are in distribution).
+   The latents are also centred per channel (folded into the same two convolutions), so the
+   diffusion models see zero-mean, unit-variance latents.
+2. **UNet + text encoder** (``--model unet``) — the SD1.x UNet (ComfyUI's ``UNetModel`` with the
+   tiny ``unet_config``) and ComfyUI's ``SDClipModel`` with a tiny CLIP config and ComfyUI's CLIP
+   tokenizer, trained jointly as a **v-prediction** model (ComfyUI's ``V_PREDICTION`` model type,
+   as SD2.x uses) on ComfyUI's own discrete sigma schedule. v-prediction matters here: with the
+   EPS objective a model this small, trained this briefly, predicts garbage at high noise (its
+   x0 error is the eps error times sigma^2, up to 200x), and samples come out empty. Loss: x0
+   error weighted by min(SNR, 5) + 1 (v-loss with the min-SNR cap), 10% caption dropout for
+   classifier-free guidance, caption augmentation (colour and position words dropped at random,
+   so plain class prompts such as "a seven" are in distribution), and an EMA of the weights.
+3. **MMDiT** (``--model dit``, needs a ComfyUI with SD3 classes) — ComfyUI's SD3 MMDiT
+   (``nodes.demo.DIT_CONFIG``) trained with the rectified-flow objective of SD3 (logit-normal
+   times), on the latents of the trained UNet model's VAE and with its text encoder frozen.
 
-Weights go to ``demo/digits_unet.safetensors`` (fp16) with the configs and world settings in
-the safetensors metadata.
+Weights go to ``demo/digits_unet.safetensors`` (UNet, text encoder, VAE) and
+``demo/digits_dit.safetensors`` (MMDiT only), fp16, with the configs, world settings and training
+figures in the safetensors metadata.
 """
 from __future__ import annotations
 
@@ -68,15 +78,41 @@ def _vae_encode_moments(ae, x):
     return ae.quant_conv(ae.encoder(x))
 
 
+def latent_class_targets(ds: S.Dataset, factor: int = 8, min_cover: float = 0.05):
+    """Per latent pixel: the class of the digit covering most of its ``factor`` x ``factor`` block,
+    and that coverage as a weight (0 where less than ``min_cover`` of the block is ink).
+    Returns ``(target (N, h, w) int64, weight (N, h, w) float32)``."""
+    lab = ds.label_maps()
+    n, H, W = lab.shape
+    cls_of = np.full((n, 4), -1, dtype=np.int64)
+    for i, recs in enumerate(ds.records):
+        for j, r in enumerate(recs):
+            cls_of[i, j + 1] = r.cls
+    classes = np.take_along_axis(cls_of, lab.reshape(n, -1).astype(np.int64), axis=1).reshape(n, H, W)
+    h, w = H // factor, W // factor
+    cover = np.stack([(classes == c).reshape(n, h, factor, w, factor).mean(axis=(2, 4)) for c in range(10)], 1)
+    target = cover.argmax(1)
+    weight = cover.max(1).astype(np.float32)
+    weight[weight < min_cover] = 0.0
+    return torch.from_numpy(target), torch.from_numpy(weight)
+
+
 def train_vae(images: torch.Tensor, steps: int, batch: int = 64, lr: float = 2e-3, kl: float = 1e-6,
-              log_every: int = 200, seed: int = 0):
+              log_every: int = 200, seed: int = 0, class_targets=None, class_weight: float = 0.1):
+    """ComfyUI's AutoencoderKL trained for reconstruction, plus (``class_targets``) a semantic
+    alignment term: a linear 1x1 probe must read each latent pixel's digit class from the
+    posterior mean. This makes class a coarse, per-pixel property of the latent, like colour,
+    which a diffusion model learns early, instead of a fine detail it learns last (the idea of
+    VA-VAE, Yao et al. 2025, with class labels in place of a vision foundation model). The probe
+    is discarded after training."""
     from comfy.ldm.models.autoencoder import AutoencoderKL
     demo = cr.pack_module("nodes.demo")
     torch.manual_seed(seed)
     ae = AutoencoderKL(**demo.VAE_PARAMS)
     _default_init_(ae)
     ae.train()
-    opt = torch.optim.AdamW(ae.parameters(), lr=lr, weight_decay=0.0)
+    probe = torch.nn.Conv2d(demo.VAE_PARAMS["embed_dim"], 10, 1)
+    opt = torch.optim.AdamW([*ae.parameters(), *probe.parameters()], lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     g = torch.Generator().manual_seed(seed)
     t0 = time.time()
@@ -93,6 +129,12 @@ def train_vae(images: torch.Tensor, steps: int, batch: int = 64, lr: float = 2e-
         loss_rec = (w * (rec - x).abs()).mean() + (w * (rec - x) ** 2).mean()
         loss_kl = 0.5 * (mean ** 2 + logvar.exp() - 1 - logvar).sum(dim=(1, 2, 3)).mean()
         loss = loss_rec + kl * loss_kl
+        loss_cls = torch.zeros(())
+        if class_targets is not None:
+            target, weight = class_targets[0][idx], class_targets[1][idx]
+            ce = torch.nn.functional.cross_entropy(probe(mean), target, reduction="none")
+            loss_cls = (ce * weight).sum() / weight.sum().clamp_min(1e-6)
+            loss = loss + class_weight * loss_cls
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(ae.parameters(), 1.0)
@@ -100,7 +142,7 @@ def train_vae(images: torch.Tensor, steps: int, batch: int = 64, lr: float = 2e-
         sched.step()
         if step % log_every == 0 or step == steps - 1:
             _log(f"vae step {step}/{steps} rec {loss_rec.item():.4f} kl {loss_kl.item():.1f} "
-                 f"({time.time() - t0:.0f}s)")
+                 f"class {loss_cls.item():.3f} ({time.time() - t0:.0f}s)")
     ae.eval()
     return ae
 
@@ -113,16 +155,25 @@ def posterior_means(ae, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fold_latent_scale(ae, images: torch.Tensor, target_scale: float = 0.18215) -> float:
-    """Rescale the VAE's latent space so that ``latent * target_scale`` has unit std (exact)."""
-    std = posterior_means(ae, images[:2048]).std().item()
-    c = 1.0 / (target_scale * std)
+def standardise_latents(ae, images: torch.Tensor, target_scale: float = 0.18215) -> dict:
+    """Centre and rescale the VAE's latent space, exactly, so that ``latent * target_scale`` has zero
+    mean per channel and unit standard deviation (what ComfyUI's SD1.x latent format feeds models).
+
+    The encoder's mean head (``quant_conv``'s first half) gets ``(z - m) * c``, its log-variance
+    head the matching ``+ 2 log c``, and ``post_quant_conv`` undoes both, so decode(encode(x)) is
+    unchanged."""
     zc = ae.quant_conv.weight.shape[0] // 2
-    ae.quant_conv.weight[:zc] *= c
-    ae.quant_conv.bias[:zc] *= c
-    ae.quant_conv.bias[zc:] += 2 * math.log(c)
+    z = posterior_means(ae, images[:2048])
+    m = z.mean(dim=(0, 2, 3))
+    c = 1.0 / (target_scale * (z - m.view(1, -1, 1, 1)).std().item())
+    # decoder side first (it needs the old affine map): post(z) = W z + b, z = z'/c + m
+    w = ae.post_quant_conv.weight
+    ae.post_quant_conv.bias += w[:, :, 0, 0] @ m
     ae.post_quant_conv.weight /= c
-    return c
+    ae.quant_conv.weight[:zc] *= c
+    ae.quant_conv.bias[:zc] = (ae.quant_conv.bias[:zc] - m) * c
+    ae.quant_conv.bias[zc:] += 2 * math.log(c)
+    return {"scale": c, "shift": m.tolist()}
 
 
 def _default_init_(module: torch.nn.Module) -> None:
@@ -168,10 +219,70 @@ def encode_latents(ae, images: torch.Tensor) -> torch.Tensor:
     return posterior_means(ae, images) * 0.18215
 
 
-def train_unet(base, clip_l, tokens: CaptionTokens, latents: torch.Tensor, records, seconds: float,
-               batch: int = 64, lr: float = 1e-3, drop: float = 0.1, seed: int = 0, log_every: int = 200):
-    """Joint EPS training of ComfyUI's UNet and CLIP text model on the world's latents."""
+class EMA:
+    """Exponential moving average of parameters (with the usual warm-up of the decay)."""
+
+    def __init__(self, params, decay: float):
+        self.params = list(params)
+        self.decay = decay
+        self.shadow = [p.detach().clone() for p in self.params]
+        self.steps = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.steps += 1
+        d = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - d)
+
+    @torch.no_grad()
+    def copy_to_params(self) -> None:
+        for p, s in zip(self.params, self.shadow):
+            p.copy_(s)
+
+
+def _lr_at(base: float, step: int, frac: float, warmup: int = 200) -> float:
+    """Linear warm-up, then cosine decay by elapsed wall-time fraction (to 5%)."""
+    return base * min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+
+
+def _batches(opt, lr: float, seconds: float, n: int, batch: int, records, drop: float, rng, g):
+    """Yield ``(step, time fraction, scene indices, captions)`` until ``seconds`` have passed,
+    setting the learning rate of every parameter group (times its ``mult``) on the way."""
+    t0, step = time.time(), 0
+    while (elapsed := time.time() - t0) < seconds:
+        frac = elapsed / seconds
+        for grp in opt.param_groups:
+            grp["lr"] = grp.get("mult", 1.0) * _lr_at(lr, step, frac)
+        idx = torch.randint(0, n, (batch,), generator=g)
+        yield step, frac, idx, ["" if rng.random() < drop else augment_caption(rng, records[i]) for i in idx.tolist()]
+        step += 1
+
+
+def _optimiser_step(loss_fn, params, opt, ema: EMA, name: str, step: int) -> float:
+    """One backward + clipped AdamW step + EMA update; returns the loss."""
     activation_snapshots = cr.pack_module("kernels.autograd").activation_snapshots
+    # ComfyUI's blocks update activations in place: snapshot saved activations
+    with activation_snapshots(params):
+        loss = loss_fn()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{name} training diverged at step {step} (loss {loss.item()})")
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    ema.update()
+    return loss.item()
+
+
+def train_unet(base, clip_l, tokens: CaptionTokens, latents: torch.Tensor, records, seconds: float,
+               batch: int = 48, lr: float = 2e-3, text_lr_mult: float = 3.0, drop: float = 0.1,
+               snr_cap: float = 5.0, ema_decay: float = 0.999, seed: int = 0, log_every: int = 200,
+               progress=None):
+    """Joint v-prediction training of ComfyUI's UNet and CLIP text model on the world's latents.
+
+    ``base`` must be a ComfyUI BaseModel of type V_PREDICTION: ``apply_model`` returns the denoised
+    estimate, and the loss is its squared error weighted by min(SNR, snr_cap) + 1 (the v-loss with
+    its low-noise end capped). Returns the number of optimiser steps."""
     rng = np.random.default_rng(seed)
     g = torch.Generator().manual_seed(seed)
     unet = base.diffusion_model
@@ -180,50 +291,94 @@ def train_unet(base, clip_l, tokens: CaptionTokens, latents: torch.Tensor, recor
         p.requires_grad_(True)
     unet.train(); text.train()
     params = [*unet.parameters(), *text.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    opt = torch.optim.AdamW([{"params": list(unet.parameters()), "mult": 1.0},
+                             {"params": list(text.parameters()), "mult": text_lr_mult}],
+                            lr=lr, weight_decay=0.01)
+    ema = EMA(params, ema_decay)
     sigmas = base.model_sampling.sigmas.float()
-    n = latents.shape[0]
-    t0 = time.time()
-    step = 0
-    ema = None
-    while time.time() - t0 < seconds:
-        frac = (time.time() - t0) / seconds
-        for grp in opt.param_groups:  # warm-up then cosine decay, by wall time
-            grp["lr"] = lr * min(1.0, (step + 1) / 200) * (0.5 * (1 + math.cos(math.pi * min(frac, 1.0))) * 0.95 + 0.05)
-        idx = torch.randint(0, n, (batch,), generator=g)
-        captions = ["" if rng.random() < drop else augment_caption(rng, records[i]) for i in idx.tolist()]
+    t0, avg = time.time(), None
+    for step, frac, idx, captions in _batches(opt, lr, seconds, latents.shape[0], batch, records, drop, rng, g):
         x0 = latents[idx]
-        t = torch.randint(0, sigmas.shape[0], (batch,), generator=g)
-        sigma = sigmas[t]
-        eps = torch.randn(x0.shape, generator=g)
-        x = x0 + eps * sigma.view(-1, 1, 1, 1)
-        # ComfyUI's blocks update activations in place: snapshot saved activations
-        with activation_snapshots(params):
+        sigma = sigmas[torch.randint(0, sigmas.shape[0], (batch,), generator=g)]
+        x = x0 + torch.randn(x0.shape, generator=g) * sigma.view(-1, 1, 1, 1)
+        weight = torch.clamp(1.0 / sigma ** 2, max=snr_cap) + 1.0
+
+        def loss_fn():
             cond, _pooled = clip_l([tokens(c) for c in captions])
             denoised = base.apply_model(x, sigma, c_crossattn=cond)
-            eps_pred = (x - denoised) / sigma.view(-1, 1, 1, 1)
-            loss = torch.nn.functional.mse_loss(eps_pred, eps)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"unet training diverged at step {step} (loss {loss.item()})")
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+            return ((denoised - x0).pow(2).mean(dim=(1, 2, 3)) * weight).mean()
+
+        loss = _optimiser_step(loss_fn, params, opt, ema, "unet", step)
+        avg = loss if avg is None else 0.98 * avg + 0.02 * loss
         if step % log_every == 0:
-            _log(f"unet step {step} loss {ema:.4f} ({time.time() - t0:.0f}/{seconds:.0f}s)")
-        step += 1
+            _log(f"unet step {step} loss {avg:.4f} ({time.time() - t0:.0f}/{seconds:.0f}s)")
+            if progress:
+                progress(frac)
+    ema.copy_to_params()
     unet.eval(); text.eval()
     for p in text.parameters():
         p.requires_grad_(False)
-    _log(f"unet+text trained: {step} steps in {time.time() - t0:.0f}s, loss {ema:.4f}")
-    return step
+    _log(f"unet+text trained: {ema.steps} steps in {time.time() - t0:.0f}s, loss {avg:.4f} (EMA weights kept)")
+    return ema.steps
 
 
-def save_demo(path: Path, ae, base, clip_l, meta: dict) -> int:
+class TextCache:
+    """Frozen text encoder outputs per caption (captions repeat a lot)."""
+
+    def __init__(self, clip_l, tokens: CaptionTokens):
+        self.clip_l, self.tokens, self.cache = clip_l, tokens, {}
+
+    @torch.no_grad()
+    def __call__(self, captions: list[str]):
+        missing = sorted({c for c in captions if c not in self.cache})
+        if missing:
+            cond, pooled = self.clip_l([self.tokens(c) for c in missing])
+            for i, c in enumerate(missing):
+                self.cache[c] = (cond[i].float(), pooled[i].float())
+        return (torch.stack([self.cache[c][0] for c in captions]),
+                torch.stack([self.cache[c][1] for c in captions]))
+
+
+def train_dit(base, text: TextCache, latents: torch.Tensor, records, seconds: float, batch: int = 48,
+              lr: float = 1e-3, drop: float = 0.1, ema_decay: float = 0.999, seed: int = 0,
+              log_every: int = 200):
+    """Rectified-flow training of ComfyUI's MMDiT (``base``: a model_base.SD3) with a frozen text
+    encoder: x_t = (1 - t) x0 + t eps with logit-normal t (SD3's choice), loss |v - (eps - x0)|^2,
+    computed from ComfyUI's own denoised output as |x0_hat - x0|^2 / t^2."""
+    rng = np.random.default_rng(seed)
+    g = torch.Generator().manual_seed(seed)
+    dit = base.diffusion_model
+    dit.train()
+    params = list(dit.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    ema = EMA(params, ema_decay)
+    t0, avg = time.time(), None
+    for step, frac, idx, captions in _batches(opt, lr, seconds, latents.shape[0], batch, records, drop, rng, g):
+        cond, pooled = text(captions)
+        x0 = latents[idx]
+        t = torch.sigmoid(torch.randn((batch,), generator=g)).clamp(1e-3, 1.0)
+        eps = torch.randn(x0.shape, generator=g)
+        x = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
+
+        def loss_fn():
+            denoised = base.apply_model(x, t, c_crossattn=cond, y=pooled)
+            return ((denoised - x0).pow(2).mean(dim=(1, 2, 3)) / t ** 2).mean()
+
+        loss = _optimiser_step(loss_fn, params, opt, ema, "dit", step)
+        avg = loss if avg is None else 0.98 * avg + 0.02 * loss
+        if step % log_every == 0:
+            _log(f"dit step {step} loss {avg:.4f} ({time.time() - t0:.0f}/{seconds:.0f}s)")
+    ema.copy_to_params()
+    dit.eval()
+    _log(f"dit trained: {ema.steps} steps in {time.time() - t0:.0f}s, loss {avg:.4f} (EMA weights kept)")
+    return ema.steps
+
+
+def save_demo(path: Path, modules: dict, meta: dict) -> int:
+    """Save ``{prefix: module}`` state dicts as one fp16 safetensors file with JSON metadata."""
     import safetensors.torch
     sd = {}
-    for prefix, module in (("unet.", base.diffusion_model), ("clip.", clip_l.transformer), ("vae.", ae)):
+    for prefix, module in modules.items():
         for k, v in module.state_dict().items():
             sd[prefix + k] = v.detach().to(torch.float16 if v.is_floating_point() else v.dtype).contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -231,27 +386,39 @@ def save_demo(path: Path, ae, base, clip_l, meta: dict) -> int:
     return path.stat().st_size
 
 
-def main(args) -> dict:
-    torch.manual_seed(args.seed)
-    cr.bootstrap(pytorch_attention=True)
-    demo = cr.pack_module("nodes.demo")
+def _training_seconds(args, remaining: float) -> float:
+    seconds = min(args.unet_minutes * 60, remaining) if args.unet_minutes else remaining
+    if seconds < 10:
+        raise SystemExit(f"--minutes {args.minutes} leaves no time to train the diffusion model after data "
+                         "and VAE; give it a larger budget")
+    return seconds
+
+
+def _world(args) -> S.WorldConfig:
+    # half the training scenes hold one digit: plain class prompts ("a seven") are one-digit captions
+    return S.WorldConfig(seed=args.world_seed, rare_classes=tuple(args.rare), count_probs=(0.5, 0.3, 0.2))
+
+
+def _train_unet_model(args, demo, t_all: float) -> dict:
+    import comfy.model_base
     import comfy.sd
-    import comfy.supported_models
-    t_all = time.time()
-    cfg = S.WorldConfig(seed=args.world_seed, rare_classes=tuple(args.rare))
+    cfg = _world(args)
     _log(f"world: rare classes {cfg.rare_classes}, seed {cfg.seed}; making {args.scenes} scenes")
     ds = S.make_dataset(cfg, n=args.scenes)
     images = to_model_images(ds.images)
     t0 = time.time()
-    ae = train_vae(images, steps=args.vae_steps, batch=args.vae_batch)
-    c = fold_latent_scale(ae, images)
+    ae = train_vae(images, steps=args.vae_steps, batch=args.vae_batch,
+                   class_targets=latent_class_targets(ds) if args.class_weight > 0 else None,
+                   class_weight=args.class_weight)
+    norm = standardise_latents(ae, images)
     vae_s = time.time() - t0
-    _log(f"vae trained in {vae_s:.0f}s; latent scale folded (x{c:.3f})")
+    _log(f"vae trained in {vae_s:.0f}s; latents standardised (x{norm['scale']:.3f})")
     latents = encode_latents(ae, images)
-    _log(f"latents {tuple(latents.shape)}, std {latents.std():.3f}")
+    _log(f"latents {tuple(latents.shape)}, mean {latents.mean():.3f}, std {latents.std():.3f}")
 
     with torch.no_grad():  # ComfyUI's constructors write into fresh parameters
-        base = comfy.supported_models.SD15(dict(demo.UNET_CONFIG)).get_model({})
+        base = comfy.model_base.BaseModel(demo.unet_model_config(),
+                                          model_type=comfy.model_base.ModelType.V_PREDICTION)
         clip = comfy.sd.CLIP(target=demo._ClipTarget)
     _default_init_(base.diffusion_model)
     clip_l = clip.cond_stage_model.clip_l
@@ -262,28 +429,90 @@ def main(args) -> dict:
             if "position_embedding" in name or "token_embedding" in name:
                 p.normal_(0, 0.02)
     t1 = time.time()
+    remaining = args.minutes * 60 - (time.time() - t_all) - 30  # leave time to save
+    seconds = _training_seconds(args, remaining)
     steps = train_unet(base, clip_l, CaptionTokens(clip.tokenizer), latents, ds.records,
-                       seconds=args.unet_minutes * 60, batch=args.batch, lr=args.lr)
+                       seconds=seconds, batch=args.batch, lr=args.lr)
     unet_s = time.time() - t1
-    meta = {"world": asdict(cfg), "vae_params": demo.VAE_PARAMS, "unet_config": demo.UNET_CONFIG,
-            "text_config": json.loads(Path(demo.TEXT_CONFIG).read_text()),
+    meta = {"world": asdict(cfg), "prediction": "v", "vae_params": demo.VAE_PARAMS,
+            "unet_config": demo.UNET_CONFIG, "text_config": json.loads(Path(demo.TEXT_CONFIG).read_text()),
             "training": {"scenes": args.scenes, "vae_steps": args.vae_steps, "vae_seconds": round(vae_s),
-                         "unet_steps": steps, "unet_seconds": round(unet_s), "seed": args.seed,
-                         "total_seconds": round(time.time() - t_all)}}
+                         "unet_steps": steps, "unet_batch": args.batch, "unet_seconds": round(unet_s),
+                         "seed": args.seed, "total_seconds": round(time.time() - t_all)}}
     out = Path(args.out) / "digits_unet.safetensors"
-    size = save_demo(out, ae, base, clip_l, meta)
+    size = save_demo(out, {"unet.": base.diffusion_model, "clip.": clip_l.transformer, "vae.": ae}, meta)
     _log(f"saved {out} ({size / 1e6:.1f} MB); total {time.time() - t_all:.0f}s")
     return meta["training"] | {"file": str(out), "bytes": size}
 
 
+def _train_dit_model(args, demo, t_all: float) -> dict:
+    import safetensors.torch
+    from . import evaluate as E
+    if not demo.has_mmdit():
+        raise SystemExit(f"the DiT demo model needs ComfyUI's SD3 MMDiT classes; {cr.comfy_version()} has "
+                         "none. Set COMFYUI_PATH to ComfyUI 0.3.x or newer.")
+    shared = Path(args.out) / "digits_unet.safetensors"
+    if not shared.is_file():
+        raise SystemExit(f"the DiT model reuses the UNet model's VAE and text encoder: train that first "
+                         f"(python -m benchmarks train --model unet --out {args.out})")
+    cfg = E.world_config_of(shared)
+    _log(f"world of {shared.name}: rare classes {cfg.rare_classes}, seed {cfg.seed}; making {args.scenes} scenes")
+    ds = S.make_dataset(cfg, n=args.scenes)
+    sd = safetensors.torch.load_file(str(shared))
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+    with torch.no_grad():
+        ae = AutoencoderKL(**demo.VAE_PARAMS)
+    ae.load_state_dict({k[4:]: v.float() for k, v in sd.items() if k.startswith("vae.")})
+    ae.eval()
+    latents = encode_latents(ae, to_model_images(ds.images))
+    clip, _vae = demo.build_text_and_vae(sd)
+    clip_l = clip.cond_stage_model.clip_l
+    clip_l.to(torch.float32)
+    with torch.no_grad():
+        base = demo.dit_model_config().get_model({})
+    _default_init_(base.diffusion_model)
+    t1 = time.time()
+    remaining = args.minutes * 60 - (time.time() - t_all) - 30
+    seconds = _training_seconds(args, remaining)
+    steps = train_dit(base, TextCache(clip_l, CaptionTokens(clip.tokenizer)), latents, ds.records,
+                      seconds=seconds, batch=args.batch, lr=args.dit_lr)
+    meta = {"world": asdict(cfg), "prediction": "flow", "dit_config": demo.DIT_CONFIG,
+            "shift": demo.DIT_SHIFT, "shares_text_and_vae_with": shared.name,
+            "training": {"scenes": args.scenes, "dit_steps": steps, "dit_batch": args.batch,
+                         "dit_seconds": round(time.time() - t1), "seed": args.seed,
+                         "total_seconds": round(time.time() - t_all)}}
+    out = Path(args.out) / "digits_dit.safetensors"
+    size = save_demo(out, {"dit.": base.diffusion_model}, meta)
+    _log(f"saved {out} ({size / 1e6:.1f} MB); total {time.time() - t_all:.0f}s")
+    return meta["training"] | {"file": str(out), "bytes": size}
+
+
+def main(args) -> dict:
+    torch.manual_seed(args.seed)
+    cr.bootstrap(pytorch_attention=True)
+    demo = cr.pack_module("nodes.demo")
+    t_all = time.time()
+    if args.model == "dit":
+        return _train_dit_model(args, demo, t_all)
+    return _train_unet_model(args, demo, t_all)
+
+
 def add_arguments(p) -> None:
+    p.add_argument("--model", choices=("unet", "dit"), default="unet",
+                   help="unet: VAE + text encoder + SD1.x UNet; dit: the SD3 MMDiT on the unet model's "
+                        "VAE and text encoder (needs COMFYUI_PATH to ComfyUI 0.3.x)")
     p.add_argument("--world-seed", type=int, default=0, help="seed of the world (scenes, writer split)")
     p.add_argument("--rare", type=int, nargs="+", default=[8, 9], help="the rare classes")
     p.add_argument("--scenes", type=int, default=20000)
-    p.add_argument("--vae-steps", type=int, default=1500)
+    p.add_argument("--minutes", type=float, default=29.0, help="wall-time budget of the whole command")
+    p.add_argument("--vae-steps", type=int, default=1000)
     p.add_argument("--vae-batch", type=int, default=16)
-    p.add_argument("--unet-minutes", type=float, default=15.0)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--unet-minutes", type=float, default=0.0,
+                   help="cap on the diffusion model's training time (0: whatever the budget leaves)")
+    p.add_argument("--class-weight", type=float, default=0.1,
+                   help="weight of the VAE's latent class-alignment term (0: off)")
+    p.add_argument("--batch", type=int, default=48)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--dit-lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "demo"))

@@ -38,11 +38,14 @@ def test_example_workflows_are_valid_json_using_known_nodes(object_info):
         assert prompt, f.name
 
 
-def test_demo_workflow_runs_through_prompt_api(server, object_info):
-    wf = json.loads((ROOT / "example_workflows" / "demo_model_txt2img.json").read_text())
+@pytest.mark.parametrize("name, dit", [("demo_model_txt2img.json", False), ("demo_dit_txt2img.json", True)])
+def test_demo_workflow_runs_through_prompt_api(server, object_info, name, dit):
+    if dit and not cr.is_modern():
+        pytest.skip(f"the DiT demo model needs ComfyUI's SD3 MMDiT classes; {cr.comfy_version()} has none "
+                    "(set COMFYUI_PATH to ComfyUI 0.3.x)")
+    wf = json.loads((ROOT / "example_workflows" / name).read_text())
     prompt = cr.ui_to_api(wf, object_info)
     assert prompt["5"]["inputs"]["seed"] == 1234 and prompt["5"]["inputs"]["steps"] == 20
-    prompt["5"]["inputs"]["steps"] = 4  # keep the test quick
     entry = server.run_prompt(prompt, timeout=300)
     assert cr.history_error(entry) is None, cr.history_error(entry)
     images = entry["outputs"]["7"]["images"]
@@ -56,6 +59,18 @@ def test_demo_workflow_runs_through_prompt_api(server, object_info):
             assert pic.size == (64, 64)
     text = entry["outputs"]["8"]["text"]
     assert any("concept-neuron candidates" in t for t in text)
+    # the judge (an SVM on real handwriting) reads what the trained model drew
+    import numpy as np
+    from benchmarks.world import judge as J
+    caption = prompt["2"]["inputs"]["text"]
+    reads = [J.check_scene(np.asarray(Image.open(out_dir / im.get("subfolder", "") / im["filename"])
+                                      .convert("RGB")), caption) for im in images]
+    assert all(c["n_found"] >= 1 for c in reads), reads
+    class_ok = sum(bool(d.get("class_ok")) for c in reads for d in c["digits"])
+    # digits-unet: at least half of the 2 x 4 requested digits are drawn as the prompted class;
+    # digits-dit (about 0.5 on one-digit prompts): a quarter. Chance is 0.1. Colour-to-digit
+    # binding in two-digit prompts is weak in these tiny models (see README), so it is not asserted.
+    assert class_ok >= (len(images) // 2 if dit else len(images)), reads
 
 
 def test_bad_input_is_rejected_with_a_clear_message(server):

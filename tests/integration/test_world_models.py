@@ -1,0 +1,59 @@
+"""The trained digits-world demo models, run through ComfyUI's own nodes and read by the judge.
+
+Fails if the shipped weights stop loading into ComfyUI's classes, or stop drawing the digits
+their prompts ask for. (The benchmark, python -m benchmarks world, measures the real figures on
+40 images per class; these tests use few images and a loose bar, far above chance = 0.1.)"""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import needs_modern
+
+
+def _world(lab, key):
+    from benchmarks.world import evaluate as E, judge as J
+    path = Path(lab.demo.demo_weights_path(key))
+    if not path.is_file():
+        pytest.fail(f"the trained demo model is missing: {path} (python -m benchmarks train)")
+    cfg = E.world_config_of(Path(lab.demo.demo_weights_path("digits_unet")))
+    return E, J.get_judge(cfg), cfg
+
+
+def _draws_prompted_classes(lab, key, cfg_scale, bar):
+    E, judge, cfg = _world(lab, key)
+    with torch.inference_mode():
+        model, clip, vae, info = lab.demo.build_demo_model(key)
+    assert info["trained"] is True
+    assert lab.runtime.model_family(model) == info["family"]
+    guard = lab.runtime.ModelGuard.of(model)
+    frequent = [c for c in range(10) if c not in cfg.rare_classes][:4]
+    accs = []
+    for c in frequent:
+        imgs = E.generate(model, clip, vae, E.S.class_prompt(c), 6, seed=7 + c, steps=16, cfg=cfg_scale)
+        assert imgs.shape == (6, 64, 64, 3)
+        accs.append(E.class_accuracy(imgs, c, judge))
+    assert sum(accs) / len(accs) >= bar, accs
+    guard.check(f"sampling the {key} demo model")
+
+
+def test_unet_demo_model_draws_the_prompted_class(lab):
+    # measured: 0.95 on the frequent classes (python -m benchmarks world)
+    _draws_prompted_classes(lab, "digits_unet", lab.demo.DEFAULT_CFG["digits_unet"], 0.5)
+
+
+def test_dit_demo_model_draws_the_prompted_class(lab):
+    needs_modern(lab, "The DiT demo model (ComfyUI's SD3 MMDiT classes)")
+    # measured: about 0.5 on the frequent classes, below the 0.7 target (see README); the bar is
+    # 2.5x chance so that a broken model or a broken load fails
+    _draws_prompted_classes(lab, "digits_dit", lab.demo.DEFAULT_CFG["digits_dit"], 0.25)
+
+
+def test_dit_demo_model_refused_clearly_on_old_comfyui(lab):
+    if lab.demo.has_mmdit():
+        pytest.skip(f"{lab.version} has the SD3 MMDiT classes; the refusal path is for older ComfyUI")
+    with pytest.raises(lab.runtime.ConceptLabError) as e:
+        lab.demo.build_demo_model("digits_dit")
+    msg = str(e.value)
+    assert "ConceptLab Load Demo Model" in msg and "Fix:" in msg and "digits-unet" in msg
