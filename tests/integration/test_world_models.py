@@ -45,9 +45,8 @@ def test_unet_demo_model_draws_the_prompted_class(lab):
 
 def test_dit_demo_model_draws_the_prompted_class(lab):
     needs_modern(lab, "The DiT demo model (ComfyUI's SD3 MMDiT classes)")
-    # measured: about 0.5 on the frequent classes, below the 0.7 target (see README); the bar is
-    # 2.5x chance so that a broken model or a broken load fails
-    _draws_prompted_classes(lab, "digits_dit", lab.demo.DEFAULT_CFG["digits_dit"], 0.25)
+    # measured: 0.83 on the frequent classes (python -m benchmarks world)
+    _draws_prompted_classes(lab, "digits_dit", lab.demo.DEFAULT_CFG["digits_dit"], 0.5)
 
 
 def test_dit_demo_model_refused_clearly_on_old_comfyui(lab):
