@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import re
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -256,7 +256,12 @@ class ComfyServer:
 
     def sampling_progress(self) -> tuple[int, int] | None:
         """The last ``done/total`` step count the server's sampler progress bar printed."""
-        tail = self.log()[-2000:]
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - 2000))
+                tail = f.read().decode(errors="replace")
+        except OSError:
+            return None
         hits = re.findall(r"(\d+)/(\d+) \[", tail)
         return (int(hits[-1][0]), int(hits[-1][1])) if hits else None
 

@@ -246,7 +246,7 @@ def _lr_at(base: float, step: int, frac: float, warmup: int = 200) -> float:
 
 
 def _batches(opt, lr: float, seconds: float, n: int, batch: int, records, drop: float, rng, g):
-    """Yield ``(step, time fraction, scene indices, captions)`` until ``seconds`` have passed,
+    """Yield ``(step, scene indices, captions)`` until ``seconds`` have passed,
     setting the learning rate of every parameter group (times its ``mult``) on the way."""
     t0, step = time.time(), 0
     while (elapsed := time.time() - t0) < seconds:
@@ -254,7 +254,7 @@ def _batches(opt, lr: float, seconds: float, n: int, batch: int, records, drop: 
         for grp in opt.param_groups:
             grp["lr"] = grp.get("mult", 1.0) * _lr_at(lr, step, frac)
         idx = torch.randint(0, n, (batch,), generator=g)
-        yield step, frac, idx, ["" if rng.random() < drop else augment_caption(rng, records[i]) for i in idx.tolist()]
+        yield step, idx, ["" if rng.random() < drop else augment_caption(rng, records[i]) for i in idx.tolist()]
         step += 1
 
 
@@ -276,8 +276,7 @@ def _optimiser_step(loss_fn, params, opt, ema: EMA, name: str, step: int) -> flo
 
 def train_unet(base, clip_l, tokens: CaptionTokens, latents: torch.Tensor, records, seconds: float,
                batch: int = 48, lr: float = 2e-3, text_lr_mult: float = 3.0, drop: float = 0.1,
-               snr_cap: float = 5.0, ema_decay: float = 0.999, seed: int = 0, log_every: int = 200,
-               progress=None):
+               snr_cap: float = 5.0, ema_decay: float = 0.999, seed: int = 0, log_every: int = 200):
     """Joint v-prediction training of ComfyUI's UNet and CLIP text model on the world's latents.
 
     ``base`` must be a ComfyUI BaseModel of type V_PREDICTION: ``apply_model`` returns the denoised
@@ -297,7 +296,7 @@ def train_unet(base, clip_l, tokens: CaptionTokens, latents: torch.Tensor, recor
     ema = EMA(params, ema_decay)
     sigmas = base.model_sampling.sigmas.float()
     t0, avg = time.time(), None
-    for step, frac, idx, captions in _batches(opt, lr, seconds, latents.shape[0], batch, records, drop, rng, g):
+    for step, idx, captions in _batches(opt, lr, seconds, latents.shape[0], batch, records, drop, rng, g):
         x0 = latents[idx]
         sigma = sigmas[torch.randint(0, sigmas.shape[0], (batch,), generator=g)]
         x = x0 + torch.randn(x0.shape, generator=g) * sigma.view(-1, 1, 1, 1)
@@ -312,8 +311,6 @@ def train_unet(base, clip_l, tokens: CaptionTokens, latents: torch.Tensor, recor
         avg = loss if avg is None else 0.98 * avg + 0.02 * loss
         if step % log_every == 0:
             _log(f"unet step {step} loss {avg:.4f} ({time.time() - t0:.0f}/{seconds:.0f}s)")
-            if progress:
-                progress(frac)
     ema.copy_to_params()
     unet.eval(); text.eval()
     for p in text.parameters():
@@ -353,7 +350,7 @@ def train_dit(base, text: TextCache, latents: torch.Tensor, records, seconds: fl
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     ema = EMA(params, ema_decay)
     t0, avg = time.time(), None
-    for step, frac, idx, captions in _batches(opt, lr, seconds, latents.shape[0], batch, records, drop, rng, g):
+    for step, idx, captions in _batches(opt, lr, seconds, latents.shape[0], batch, records, drop, rng, g):
         cond, pooled = text(captions)
         x0 = latents[idx]
         t = torch.sigmoid(torch.randn((batch,), generator=g)).clamp(1e-3, 1.0)
@@ -458,14 +455,8 @@ def _train_dit_model(args, demo, t_all: float) -> dict:
     cfg = E.world_config_of(shared)
     _log(f"world of {shared.name}: rare classes {cfg.rare_classes}, seed {cfg.seed}; making {args.scenes} scenes")
     ds = S.make_dataset(cfg, n=args.scenes)
-    sd = safetensors.torch.load_file(str(shared))
-    from comfy.ldm.models.autoencoder import AutoencoderKL
-    with torch.no_grad():
-        ae = AutoencoderKL(**demo.VAE_PARAMS)
-    ae.load_state_dict({k[4:]: v.float() for k, v in sd.items() if k.startswith("vae.")})
-    ae.eval()
-    latents = encode_latents(ae, to_model_images(ds.images))
-    clip, _vae = demo.build_text_and_vae(sd)
+    clip, vae = demo.build_text_and_vae(safetensors.torch.load_file(str(shared)))
+    latents = encode_latents(vae.first_stage_model.float().eval(), to_model_images(ds.images))
     clip_l = clip.cond_stage_model.clip_l
     clip_l.to(torch.float32)
     with torch.no_grad():

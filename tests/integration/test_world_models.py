@@ -3,7 +3,6 @@
 Fails if the shipped weights stop loading into ComfyUI's classes, or stop drawing the digits
 their prompts ask for. (The benchmark, python -m benchmarks world, measures the real figures on
 40 images per class; these tests use few images and a loose bar, far above chance = 0.1.)"""
-import os
 from pathlib import Path
 
 import pytest

@@ -37,13 +37,14 @@ def test_standardise_latents_is_an_exact_reparametrisation(lab):
 def test_latent_class_targets_follow_the_masks():
     ds = S.make_dataset(S.WorldConfig(), 50, seed=5)
     target, weight = T.latent_class_targets(ds)
+    labels = ds.label_maps()
     assert target.shape == weight.shape == (50, 8, 8)
     for n in range(50):
         for r in ds.records[n]:
             cover = r.mask.reshape(8, 8, 8, 8).mean(axis=(1, 3))
             y, x = np.unravel_index(cover.argmax(), cover.shape)
             assert target[n, y, x] == r.cls and weight[n, y, x] >= cover.max() - 1e-6
-        blank = ds.label_maps()[n].reshape(8, 8, 8, 8).max(axis=(1, 3)) == 0
+        blank = labels[n].reshape(8, 8, 8, 8).max(axis=(1, 3)) == 0
         assert (weight[n].numpy()[blank] == 0).all()
 
 
