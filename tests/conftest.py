@@ -40,12 +40,12 @@ def kernels():
     """The pack's kernels package, imported alone (no ComfyUI) as ``conceptlab_kernels``."""
     _load_by_path("conceptlab_kernels", ROOT / "kernels" / "__init__.py", ROOT / "kernels")
     return SimpleNamespace(**{m: importlib.import_module(f"conceptlab_kernels.{m}")
-                              for m in ("autograd", "fingerprint", "layers")})
+                              for m in ("autograd", "fingerprint", "layers", "saliency")})
 
 
 @pytest.fixture(scope="session")
 def K():
-    """Kernels namespace: K.autograd, K.fingerprint, K.layers."""
+    """Kernels namespace: K.autograd, K.fingerprint, K.layers, K.saliency."""
     return kernels()
 
 

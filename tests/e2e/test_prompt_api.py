@@ -38,13 +38,17 @@ def test_example_workflows_are_valid_json_using_known_nodes(object_info):
         assert prompt, f.name
 
 
-@pytest.mark.parametrize("name, dit", [("demo_model_txt2img.json", False), ("demo_dit_txt2img.json", True)])
-def test_demo_workflow_runs_through_prompt_api(server, object_info, name, dit):
+def _example_prompt(name: str, dit: bool, object_info: dict) -> dict:
+    """An example workflow as an API prompt; DiT ones skip on ComfyUI without SD3 MMDiT."""
     if dit and not cr.is_modern():
         pytest.skip(f"the DiT demo model needs ComfyUI's SD3 MMDiT classes; {cr.comfy_version()} has none "
                     "(set COMFYUI_PATH to ComfyUI 0.3.x)")
-    wf = json.loads((ROOT / "example_workflows" / name).read_text())
-    prompt = cr.ui_to_api(wf, object_info)
+    return cr.ui_to_api(json.loads((ROOT / "example_workflows" / name).read_text()), object_info)
+
+
+@pytest.mark.parametrize("name, dit", [("demo_model_txt2img.json", False), ("demo_dit_txt2img.json", True)])
+def test_demo_workflow_runs_through_prompt_api(server, object_info, name, dit):
+    prompt = _example_prompt(name, dit, object_info)
     assert prompt["5"]["inputs"]["seed"] == 1234 and prompt["5"]["inputs"]["steps"] == 20
     entry = server.run_prompt(prompt, timeout=300)
     assert cr.history_error(entry) is None, cr.history_error(entry)
@@ -80,3 +84,27 @@ def test_bad_input_is_rejected_with_a_clear_message(server):
     with pytest.raises(cr.PromptRejected) as e:
         server.run_prompt(prompt)
     assert e.value.code == 400 and "no-such-model" in e.value.body
+
+
+@pytest.mark.parametrize("name, dit", [("saliency_unet_heatmaps.json", False),
+                                       ("saliency_dit_conceptattention_inpaint.json", True)])
+def test_saliency_workflow_runs_through_prompt_api(server, object_info, name, dit):
+    prompt = _example_prompt(name, dit, object_info)
+    maps_id = next(k for k, v in prompt.items() if v["class_type"] == "ConceptLabSaliencyMaps")
+    entry = server.run_prompt(prompt, timeout=300)
+    assert cr.history_error(entry) is None, cr.history_error(entry)
+    payload = entry["outputs"][maps_id]["concept_lab_saliency"][0]
+    assert payload["words"] == ["seven", "two"]
+    assert payload["method"] == ("conceptattention" if dit else "daam")
+    import io
+    import urllib.parse
+    import urllib.request
+    from PIL import Image
+    for per_image, base in zip(payload["maps"], payload["images"]):
+        assert len(per_image) == 2
+        for f in [base] + per_image:   # served by ComfyUI's /view, as the viewer fetches them
+            with urllib.request.urlopen(server.url + "/view?" + urllib.parse.urlencode(f)) as r:
+                with Image.open(io.BytesIO(r.read())) as pic:
+                    assert pic.size == (64, 64)
+    saved = [o["images"] for o in entry["outputs"].values() if "images" in o]
+    assert saved and all(len(s) >= 1 for s in saved)

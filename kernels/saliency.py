@@ -1,0 +1,258 @@
+"""Attention saliency: DAAM for UNet cross-attention, ConceptAttention for multimodal DiTs.
+
+Pure torch. The node adapter (``nodes/saliency.py``) hands these functions the projected
+queries, keys and values that ComfyUI's attention layers compute anyway, and keeps the
+running sums in a :class:`RunningMaps`.
+
+Shapes follow ComfyUI's attention convention: ``q``/``k``/``v`` are ``(batch, tokens,
+heads * dim_head)``.
+
+- DAAM (Tang et al. 2023): per cross-attention layer, the softmax attention probabilities of
+  each prompt token, summed over heads, upsampled to the latent grid and summed over layers and
+  timesteps. A word's map is the sum over its sub-tokens.
+- ConceptAttention (Helbling et al. 2025): concept tokens run through the text stream's own
+  weights; saliency is the dot product of image-token and concept-token attention *outputs*,
+  softmaxed over concepts. The one-way attention (concepts see image tokens, never the other way
+  round) lives in :func:`concept_attention`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+# ---------------------------------------------------------------------------------------------
+# token lookup
+# ---------------------------------------------------------------------------------------------
+def find_token_positions(prompt_ids: Sequence[int], word_ids: Sequence[int]) -> list:
+    """Every position at which ``word_ids`` occurs as a contiguous run inside ``prompt_ids``.
+
+    Returns the flat list of all matched positions (a word used twice contributes both runs)."""
+    word_ids, n = list(word_ids), len(word_ids)
+    if n == 0:
+        return []
+    out = []
+    for start in range(len(prompt_ids) - n + 1):
+        if list(prompt_ids[start:start + n]) == word_ids:
+            out.extend(range(start, start + n))
+    return out
+
+
+def grid_shape(n_tokens: int, height: int, width: int) -> tuple:
+    """(h, w) of an attention layer's token grid, given the latent's (height, width).
+
+    UNet levels halve the grid with rounding up; this finds the factor 2**k whose rounded-up
+    grid has ``n_tokens`` cells, so non-square and odd sizes work."""
+    for k in range(8):
+        f = 2 ** k
+        h, w = math.ceil(height / f), math.ceil(width / f)
+        if h * w == n_tokens:
+            return h, w
+    raise ValueError(f"no grid of a {height}x{width} latent has {n_tokens} tokens")
+
+
+def to_latent_grid(maps: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, N, C) token maps -> (B, C, height, width), bilinear from the layer's own grid."""
+    b, n, c = maps.shape
+    h, w = grid_shape(n, height, width)
+    grid = maps.transpose(1, 2).reshape(b, c, h, w)
+    if (h, w) == (height, width):
+        return grid
+    return F.interpolate(grid, size=(height, width), mode="bilinear", align_corners=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# DAAM
+# ---------------------------------------------------------------------------------------------
+def daam_token_maps(q: torch.Tensor, k: torch.Tensor, heads: int,
+                    groups: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Cross-attention probability maps of word groups, summed over heads.
+
+    q: (B, N, heads*d) image queries; k: (B, T, heads*d) prompt keys; groups: token positions of
+    each word (sub-tokens, every occurrence). Returns (B, N, len(groups)) in float32: for each
+    image token, the summed probability mass it puts on each word's tokens. The softmax runs over
+    all T keys, exactly as in the model's own attention."""
+    b, n, inner = q.shape
+    d = inner // heads
+    qh = q.reshape(b, n, heads, d).transpose(1, 2).float()
+    kh = k.reshape(b, k.shape[1], heads, d).transpose(1, 2).float()
+    probs = torch.softmax(qh @ kh.transpose(-1, -2) * (d ** -0.5), dim=-1)   # (B, h, N, T)
+    probs = probs.sum(dim=1)                                                   # (B, N, T)
+    cols = [probs[..., list(g)].sum(dim=-1) if len(g) else probs.new_zeros(b, n) for g in groups]
+    return torch.stack(cols, dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# ConceptAttention
+# ---------------------------------------------------------------------------------------------
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, T, heads*d) or (B, T, heads, d) -> (B, heads, T, d)."""
+    b, t = x.shape[:2]
+    return x.reshape(b, t, heads, -1).transpose(1, 2)
+
+
+def concept_attention(q_c: torch.Tensor, k_c: torch.Tensor, v_c: torch.Tensor,
+                      k_img: torch.Tensor, v_img: torch.Tensor, heads: int) -> torch.Tensor:
+    """Attention output of concept tokens that attend to the image tokens and to each other.
+
+    One-way by construction: the image and prompt tokens are computed elsewhere and never see
+    these keys. Each input is (B, T, heads*d) or (B, T, heads, d), as ComfyUI's blocks hand them
+    out. Returns (B, C, heads*d) in the input dtype."""
+    flat = [t.reshape(t.shape[0], t.shape[1], -1) for t in (q_c, k_c, v_c, k_img, v_img)]
+    q_c, k_c, v_c, k_img, v_img = flat
+    k = torch.cat((k_img, k_c), dim=1)
+    v = torch.cat((v_img, v_c), dim=1)
+    out = F.scaled_dot_product_attention(_heads(q_c, heads), _heads(k, heads), _heads(v, heads))
+    b, h, c, d = out.shape
+    return out.transpose(1, 2).reshape(b, c, h * d)
+
+
+def concept_saliency(o_img: torch.Tensor, o_c: torch.Tensor) -> torch.Tensor:
+    """ConceptAttention maps: softmax over concepts of <image output, concept output>.
+
+    o_img: (B, N, D) image tokens' attention outputs (before the output projection);
+    o_c: (B, C, D) concept tokens' attention outputs. Returns (B, N, C) float32."""
+    o_img = o_img.reshape(o_img.shape[0], o_img.shape[1], -1).float()
+    o_c = o_c.reshape(o_c.shape[0], o_c.shape[1], -1).float()
+    return torch.softmax(o_img @ o_c.transpose(1, 2), dim=-1)
+
+
+def cross_attention_saliency(q_img: torch.Tensor, k_c: torch.Tensor, heads: int) -> torch.Tensor:
+    """The raw cross-attention baseline: image queries against concept keys, averaged over heads,
+    softmaxed over concepts. Returns (B, N, C) float32."""
+    d = q_img.shape[-1] // heads
+    scores = _heads(q_img, heads).float() @ _heads(k_c, heads).float().transpose(-1, -2)
+    return torch.softmax(scores.mean(dim=1) * (d ** -0.5), dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# accumulation
+# ---------------------------------------------------------------------------------------------
+class RunningMaps:
+    """Running sums of (B, C, H, W) maps: memory is fixed, however many steps and layers add.
+
+    ``add`` takes maps for some batch rows; ``mean`` divides by how many times each row was
+    added (layers x steps), so rows that saw no call read as zeros."""
+
+    def __init__(self, batch: int, concepts: int, height: int, width: int):
+        self.sum = torch.zeros(batch, concepts, height, width, dtype=torch.float32)
+        self.count = torch.zeros(batch, dtype=torch.float32)
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.sum.shape)
+
+    def nbytes(self) -> int:
+        return self.sum.numel() * self.sum.element_size() + self.count.numel() * 4
+
+    def add(self, maps: torch.Tensor, rows: Optional[Sequence[int]] = None) -> None:
+        maps = maps.detach().to(device=self.sum.device, dtype=torch.float32)
+        if rows is None:
+            self.sum += maps
+            self.count += 1
+        else:
+            idx = torch.as_tensor(list(rows), dtype=torch.long)
+            self.sum.index_add_(0, idx, maps)
+            self.count.index_add_(0, idx, torch.ones(len(idx)))
+
+    def mean(self) -> torch.Tensor:
+        return self.sum / self.count.clamp(min=1).view(-1, 1, 1, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# post-processing: normalise, resize, threshold, colour
+# ---------------------------------------------------------------------------------------------
+def normalise(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Min-max normalise each (H, W) map of a (..., H, W) tensor to [0, 1]."""
+    flat = maps.flatten(-2)
+    lo = flat.min(dim=-1, keepdim=True).values
+    hi = flat.max(dim=-1, keepdim=True).values
+    return ((flat - lo) / (hi - lo).clamp(min=eps)).view_as(maps)
+
+
+def resize(maps: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, C, h, w) -> (B, C, height, width), bilinear."""
+    if tuple(maps.shape[-2:]) == (height, width):
+        return maps
+    return F.interpolate(maps, size=(height, width), mode="bilinear", align_corners=False)
+
+
+def blur3x3(maps: torch.Tensor) -> torch.Tensor:
+    """3x3 box blur of (B, C, H, W) maps, edges replicated."""
+    b, c, h, w = maps.shape
+    x = F.pad(maps.reshape(b * c, 1, h, w), (1, 1, 1, 1), mode="replicate")
+    return F.avg_pool2d(x, 3, stride=1).reshape(b, c, h, w)
+
+
+def otsu_threshold(values: torch.Tensor, bins: int = 64) -> float:
+    """Otsu's threshold of values in [0, 1]."""
+    hist = torch.histc(values.float().flatten(), bins=bins, min=0.0, max=1.0)
+    p = hist / hist.sum().clamp(min=1)
+    centres = (torch.arange(bins, dtype=torch.float32) + 0.5) / bins
+    w0 = torch.cumsum(p, 0)
+    m0 = torch.cumsum(p * centres, 0)
+    mt = m0[-1]
+    between = (mt * w0 - m0) ** 2 / (w0 * (1 - w0)).clamp(min=1e-12)
+    return float(centres[int(torch.argmax(between))])
+
+
+THRESHOLD_MODES = ("mean", "otsu", "fixed", "argmax")
+
+
+def masks_from_maps(maps: torch.Tensor, mode: str = "mean", value: float = 0.5) -> torch.Tensor:
+    """Binary masks (float 0/1) from normalised (B, C, H, W) maps.
+
+    mean: each map above its own mean (ConceptAttention's zero-shot protocol); otsu: each map
+    above its Otsu threshold; fixed: above ``value``; argmax: the pixel goes to the concept with
+    the largest map, and only if that map is at least ``value``."""
+    if mode == "mean":
+        return (maps > maps.mean(dim=(-2, -1), keepdim=True)).float()
+    if mode == "fixed":
+        return (maps >= value).float()
+    if mode == "otsu":
+        out = torch.zeros_like(maps)
+        for i in range(maps.shape[0]):
+            for j in range(maps.shape[1]):
+                out[i, j] = (maps[i, j] > otsu_threshold(maps[i, j])).float()
+        return out
+    if mode == "argmax":
+        best = maps.argmax(dim=1, keepdim=True)
+        onehot = torch.zeros_like(maps).scatter_(1, best, 1.0)
+        return onehot * (maps >= value).float()
+    raise ValueError(f"unknown threshold mode {mode!r}; expected one of {THRESHOLD_MODES}")
+
+
+# Anchor colours of matplotlib's "inferno" (0, 1/6, ..., 1), interpolated linearly.
+_INFERNO = torch.tensor([
+    [0.001, 0.000, 0.014], [0.258, 0.039, 0.406], [0.578, 0.148, 0.404], [0.865, 0.317, 0.226],
+    [0.988, 0.645, 0.040], [0.961, 0.902, 0.329], [0.988, 1.000, 0.645]], dtype=torch.float32)
+
+
+def colormap(values: torch.Tensor) -> torch.Tensor:
+    """(..., H, W) values in [0, 1] -> (..., H, W, 3) inferno colours."""
+    x = values.clamp(0, 1) * (len(_INFERNO) - 1)
+    lo = x.floor().long().clamp(max=len(_INFERNO) - 2)
+    frac = (x - lo.float()).unsqueeze(-1)
+    return _INFERNO[lo] * (1 - frac) + _INFERNO[lo + 1] * frac
+
+
+def overlay(image: torch.Tensor, heat: torch.Tensor, alpha: float = 0.55) -> torch.Tensor:
+    """Blend a colour-mapped (H, W) heat map over an (H, W, 3) image in [0, 1]."""
+    return (image * (1 - alpha) + colormap(heat) * alpha).clamp(0, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# segmentation figures
+# ---------------------------------------------------------------------------------------------
+def iou(pred: torch.Tensor, truth: torch.Tensor) -> float:
+    pred, truth = pred.bool(), truth.bool()
+    union = (pred | truth).sum().item()
+    return 1.0 if union == 0 else (pred & truth).sum().item() / union
+
+
+def pixel_accuracy(pred: torch.Tensor, truth: torch.Tensor) -> float:
+    return (pred.bool() == truth.bool()).float().mean().item()
+

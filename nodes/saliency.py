@@ -1,0 +1,657 @@
+"""Attention saliency nodes: DAAM for UNets, ConceptAttention for SD3-style MMDiTs.
+
+Graph shape (any sampler works, because capture is a MODEL patch)::
+
+    model -> ConceptLab Saliency Capture -> (MODEL) -> KSampler / SamplerCustomAdvanced -> VAEDecode
+                                        \\-> (SALIENCY_RECORDING) ----------------------\\
+                                                       ConceptLab Saliency Maps <- IMAGE
+                                                        -> SALIENCY, overlay IMAGE, MASK
+                                                       ConceptLab Mask From Concept -> MASK
+
+The capture node clones the MODEL and adds patches only (an ``attn2`` replace per UNet
+cross-attention layer, a ``dit`` double-block replace per MMDiT joint block, and a chained
+``model_function_wrapper``). The incoming MODEL is never touched. The recording keeps running
+sums, so memory does not grow with steps; it always holds the most recent sampling run (a run
+that starts at a higher noise level than the previous call resets it).
+
+Both paths leave the sampled image bit for bit unchanged: attention outputs are computed by
+ComfyUI's own attention function, and the probabilities / concept stream are computed beside it.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+import torch
+
+import comfy.ldm.modules.attention as comfy_attention
+
+from ..kernels import saliency as K
+from ._runtime import UNET_FAMILIES, clone_model, fail, family_label, model_family, require_family
+
+log = logging.getLogger("ConceptLab")
+
+CAPTURE = "ConceptLab Saliency Capture"
+MAPS = "ConceptLab Saliency Maps"
+MASK_NODE = "ConceptLab Mask From Concept"
+METHODS = ("auto", "daam", "conceptattention", "crossattention")
+DIT_SALIENCY_FAMILIES = ("sd3",)
+
+
+# ---------------------------------------------------------------------------------------------
+# parsing helpers
+# ---------------------------------------------------------------------------------------------
+def parse_concepts(text: str) -> list:
+    """'seven, two; sky' -> ['seven', 'two', 'sky'] (lower-cased, duplicates dropped)."""
+    words = []
+    for w in re.split(r"[,;\n]+", text or ""):
+        w = w.strip().lower()
+        if w and w not in words:
+            words.append(w)
+    return words
+
+
+_STOP = {"a", "an", "the", "on", "in", "of", "and", "with", "at", "to", "is", "by", "for"}
+
+
+def prompt_words(prompt: str) -> list:
+    """The content words of a prompt (weights syntax and punctuation stripped), in order."""
+    plain = re.sub(r":[0-9.]+\)", ")", prompt or "")
+    words = []
+    for w in re.findall(r"[a-zA-Z][a-zA-Z'-]*", plain):
+        w = w.lower()
+        if w not in _STOP and w not in words:
+            words.append(w)
+    return words
+
+
+def parse_layers(text: str, n_layers: int, default: list) -> list:
+    """'auto' -> default; 'all' -> every layer; '2,3' / '-2,-1' / '1-3' -> those indices."""
+    text = (text or "auto").strip().lower()
+    if text in ("", "auto"):
+        return list(default)
+    if text == "all":
+        return list(range(n_layers))
+    out = []
+    for part in re.split(r"[,\s]+", text):
+        if not part:
+            continue
+        m = re.fullmatch(r"(\d+)-(\d+)", part)
+        idx = list(range(int(m.group(1)), int(m.group(2)) + 1)) if m else [int(part)]
+        for i in idx:
+            i = i + n_layers if i < 0 else i
+            if not 0 <= i < n_layers:
+                raise ValueError(f"layer {part} is out of range (this model has {n_layers})")
+            if i not in out:
+                out.append(i)
+    return sorted(out)
+
+
+def _token_ids(clip, text: str) -> list:
+    """Flat token ids of the first text encoder ComfyUI's CLIP tokenizer uses for ``text``."""
+    tokens = clip.tokenize(text)
+    key = "l" if "l" in tokens else next(iter(tokens))
+    return [int(t[0]) for chunk in tokens[key] for t in chunk]
+
+
+def _word_ids(clip, word: str) -> list:
+    """Token ids of a word encoded alone, without start, end and padding tokens."""
+    ids = _token_ids(clip, word)
+    start, rest = ids[0], ids[1:]
+    end = rest[-1] if rest else start
+    core = []
+    for t in rest:
+        if t == end:
+            break
+        core.append(t)
+    return core
+
+
+# ---------------------------------------------------------------------------------------------
+# the recording
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class SaliencyRecording:
+    """What the capture patches write while sampling, read by ConceptLab Saliency Maps."""
+
+    words: list
+    method: str                      # daam | conceptattention | crossattention
+    family: str
+    layers: list                     # indices of the recorded attention layers
+    sigma_hi: float
+    sigma_lo: float
+    groups: list = field(default_factory=list)          # DAAM: token positions per word
+    concept_embeds: Optional[torch.Tensor] = None       # DiT: (C, D) raw text-encoder vectors
+    pooled_zero: bool = True                            # DiT: concepts modulated without pooled text
+    maps: dict = field(default_factory=dict)            # name -> K.RunningMaps
+    steps: int = 0
+    calls: int = 0
+    skipped_calls: int = 0
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    # per model call
+    _sigma: float = float("inf")
+    _last_sigma: float = float("-inf")
+    _latent_hw: tuple = ()
+    _cond_rows: list = field(default_factory=list)
+    _chunk: int = 0
+    _active: bool = False
+    _concepts: Optional[torch.Tensor] = None
+    _concept_vec: Optional[torch.Tensor] = None
+    _y: Optional[torch.Tensor] = None
+
+    # ---- run / call bookkeeping -------------------------------------------------------------
+    def begin_call(self, x: torch.Tensor, sigma: torch.Tensor, cond_or_uncond, c: dict) -> None:
+        s = float(sigma.max())
+        if s > self._last_sigma + 1e-6 * max(1.0, abs(self._last_sigma)) and self.calls:
+            self._reset()                                   # a new sampling run started
+        if s != self._last_sigma:
+            if self.sigma_lo <= s <= self.sigma_hi:
+                self.steps += 1
+        self._last_sigma = s
+        self._sigma = s
+        self.calls += 1
+        chunks = max(len(cond_or_uncond), 1)
+        self._chunk = x.shape[0] // chunks
+        self._cond_rows = [i for i, flag in enumerate(cond_or_uncond) if flag == 0]
+        self._latent_hw = tuple(x.shape[-2:])
+        self._active = bool(self._cond_rows) and self.sigma_lo <= s <= self.sigma_hi
+        self._concepts = None
+        self._concept_vec = None
+        self._y = c.get("y") if isinstance(c, dict) else None
+
+    def end_call(self) -> None:
+        self._active = False
+        self._concepts = None
+        self._concept_vec = None
+        self._y = None
+
+    def _reset(self) -> None:
+        self.maps = {}
+        self.steps = 0
+        self.skipped_calls = 0
+        self.run_id = uuid.uuid4().hex[:12]
+
+    def rows(self) -> list:
+        """Batch rows of the current call that belong to the positive prompt."""
+        b = self._chunk
+        return [r for ci in self._cond_rows for r in range(ci * b, (ci + 1) * b)]
+
+    def add(self, name: str, token_maps: torch.Tensor) -> None:
+        """token_maps: (len(rows()), N, C), the positive rows of the call, in rows() order."""
+        b = self._chunk
+        h, w = self._latent_hw
+        for part in token_maps.split(b):
+            grid = K.to_latent_grid(part.float(), h, w)
+            acc = self.maps.get(name)
+            if acc is None:
+                acc = self.maps[name] = K.RunningMaps(b, len(self.words), h, w)
+            if acc.shape != tuple(grid.shape):
+                self.skipped_calls += 1                      # e.g. ComfyUI split the batch
+                continue
+            acc.add(grid.cpu())
+
+    def result(self, name: Optional[str] = None) -> Optional[torch.Tensor]:
+        acc = self.maps.get(name or self.method)
+        return None if acc is None else acc.mean()
+
+    def state_bytes(self) -> int:
+        return sum(m.nbytes() for m in self.maps.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# UNet: DAAM through attn2 replace patches
+# ---------------------------------------------------------------------------------------------
+def unet_cross_attention_layers(diffusion_model) -> list:
+    """(block_name, block_number, transformer_index) of every cross-attention layer, in the
+    order ComfyUI's UNet runs them: input blocks, middle block, output blocks."""
+    keys = []
+
+    def scan(name, number, module):
+        for sub in module.modules():
+            blocks = getattr(sub, "transformer_blocks", None)
+            if blocks is not None:
+                for t, blk in enumerate(blocks):
+                    if getattr(blk, "attn2", None) is not None:
+                        keys.append((name, number, t))
+    for i, blk in enumerate(diffusion_model.input_blocks):
+        scan("input", i, blk)
+    scan("middle", 0, diffusion_model.middle_block)
+    for i, blk in enumerate(diffusion_model.output_blocks):
+        scan("output", i, blk)
+    return keys
+
+
+def _attention_call():
+    """ComfyUI's attention function, and which optional keywords this version's accepts."""
+    fn = comfy_attention.optimized_attention
+    try:
+        params = inspect.signature(inspect.unwrap(fn)).parameters
+    except (TypeError, ValueError):
+        return fn, set()
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return fn, {"attn_precision", "transformer_options"}
+    return fn, {n for n in ("attn_precision", "transformer_options") if n in params}
+
+
+class _DaamPatch:
+    """attn2 replace: ComfyUI's own attention for the output, DAAM maps beside it."""
+
+    def __init__(self, rec: SaliencyRecording, previous=None):
+        self.rec, self.previous = rec, previous
+
+    def __call__(self, q, k, v, extra_options):
+        heads = extra_options["n_heads"]
+        if self.previous is not None:
+            out = self.previous(q, k, v, extra_options)
+        else:
+            fn, accepted = _attention_call()
+            kw = {"attn_precision": extra_options.get("attn_precision"),
+                  "transformer_options": extra_options}
+            out = fn(q, k, v, heads, **{n: kw[n] for n in accepted})
+        rec = self.rec
+        if rec._active:
+            rows = rec.rows()
+            rec.add("daam", K.daam_token_maps(q[rows], k[rows], heads, rec.groups))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# MMDiT: ConceptAttention through dit double_block replace patches
+# ---------------------------------------------------------------------------------------------
+class _ConceptAttentionBlock:
+    """One joint block: run ComfyUI's block unchanged, carry the concept tokens beside it."""
+
+    def __init__(self, rec: SaliencyRecording, diffusion_model, index: int, record: bool,
+                 previous=None):
+        self.rec, self.dm, self.index, self.record, self.previous = (
+            rec, diffusion_model, index, record, previous)
+
+    def _initial_concepts(self, like: torch.Tensor, vec: torch.Tensor):
+        rec = self.rec
+        emb = rec.concept_embeds.to(device=like.device, dtype=like.dtype)
+        emb = self.dm.context_embedder(emb.unsqueeze(0)).expand(like.shape[0], -1, -1)
+        concept_vec = vec
+        y_emb = getattr(self.dm, "y_embedder", None)
+        if rec.pooled_zero and rec._y is not None and y_emb is not None:
+            y = rec._y[rec.rows()].to(device=vec.device, dtype=vec.dtype)
+            concept_vec = vec - y_emb(y) + y_emb(torch.zeros_like(y))
+        return emb, concept_vec
+
+    def __call__(self, args, extra):
+        rec = self.rec
+        run = extra["original_block"] if self.previous is None else (
+            lambda a: self.previous(a, extra))
+        if not rec._active:
+            return run(args)
+        options = args.get("transformer_options", {}) or {}
+        earlier = options.get("optimized_attention_override")
+        stash = {}
+
+        def override(func, *a, **kw):
+            out = earlier(func, *a, **kw) if earlier is not None else func(*a, **kw)
+            if not stash:
+                stash["q"], stash["k"], stash["v"], stash["o"] = a[0], a[1], a[2], out
+            return out
+
+        result = run(dict(args, transformer_options=dict(options,
+                                                         optimized_attention_override=override)))
+        if not stash:                         # no attention call seen (unknown block type)
+            rec.skipped_calls += 1
+            return result
+        rows = rec.rows()
+        txt, vec = args["txt"], args["vec"][rows]
+        if rec._concepts is None:
+            rec._concepts, rec._concept_vec = self._initial_concepts(txt[rows], vec)
+        block = self.dm.joint_blocks[self.index]
+        cb = block.context_block
+        heads = block.x_block.attn.num_heads
+        n_txt = txt.shape[1]
+        q, k, v, o = (stash[n][rows] for n in ("q", "k", "v", "o"))
+        (q_c, k_c, v_c), inter = cb.pre_attention(rec._concepts, rec._concept_vec)
+        o_c = K.concept_attention(q_c, k_c, v_c, k[:, n_txt:], v[:, n_txt:], heads)
+        if self.record:
+            rec.add("conceptattention", K.concept_saliency(o[:, n_txt:], o_c))
+            rec.add("crossattention", K.cross_attention_saliency(q[:, n_txt:], k_c, heads))
+        if not cb.pre_only:
+            rec._concepts = cb.post_attention(o_c, *inter)
+        return result
+
+
+class _CallWrapper:
+    """model_function_wrapper: tells the recording about each model call, chains any earlier one."""
+
+    def __init__(self, rec: SaliencyRecording, previous=None):
+        self.rec, self.previous = rec, previous
+
+    def __call__(self, apply_model, args):
+        self.rec.begin_call(args["input"], args["timestep"], args.get("cond_or_uncond", [0]),
+                            args.get("c", {}))
+        try:
+            if self.previous is not None:
+                return self.previous(apply_model, args)
+            return apply_model(args["input"], args["timestep"], **args["c"])
+        finally:
+            self.rec.end_call()
+
+
+def _existing_replace(model, name: str, key: tuple):
+    to = model.model_options.get("transformer_options", {})
+    return to.get("patches_replace", {}).get(name, {}).get(key)
+
+
+def _concept_embeddings(clip, words: list) -> torch.Tensor:
+    """(C, D): each concept word encoded alone; its first token after the start token."""
+    rows = []
+    for w in words:
+        cond = clip.encode_from_tokens(clip.tokenize(w))
+        cond = cond[0] if isinstance(cond, (tuple, list)) else cond
+        rows.append(cond[0, 1].float().cpu())
+    return torch.stack(rows)
+
+
+def _sigma_range(model, start: float, end: float) -> tuple:
+    if hasattr(model, "get_model_object"):
+        ms = model.get_model_object("model_sampling")
+    else:                                      # 2024 ComfyUI
+        ms = model.model.model_sampling
+    return float(ms.percent_to_sigma(start)), float(ms.percent_to_sigma(end))
+
+
+class ConceptLabSaliencyCapture:
+    DESCRIPTION = (
+        "Records where each word of the prompt lands in the image while you sample, with any "
+        "sampler. Put it between the model loader and the sampler, and feed its recording plus "
+        "the decoded image to 'ConceptLab Saliency Maps'. UNet models (SD1.x, SD2.x, SDXL) use "
+        "DAAM: cross-attention probabilities of the word's tokens, summed over heads, layers and "
+        "steps. SD3-style MMDiT models use ConceptAttention: the concept words travel through "
+        "the text stream's own weights, one way, and the maps come from attention-output dot "
+        "products. The sampled image stays bit for bit the same; memory does not grow with steps.")
+    CATEGORY = "ConceptLab/saliency"
+    FUNCTION = "capture"
+    RETURN_TYPES = ("MODEL", "SALIENCY_RECORDING")
+    RETURN_NAMES = ("model", "recording")
+    OUTPUT_TOOLTIPS = (
+        "The model with capture patches (a clone; the input model is unchanged). Sample with it.",
+        "The recording; connect it to 'ConceptLab Saliency Maps' together with the decoded image.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The model you sample with."}),
+                "clip": ("CLIP", {"tooltip": "The model's text encoder: finds the words' tokens "
+                                             "in the prompt (UNet) or encodes the concepts (DiT)."}),
+                "prompt": ("STRING", {"multiline": True, "default": "",
+                                      "tooltip": "The positive prompt, exactly as in your "
+                                                 "CLIPTextEncode (convert the text there to an "
+                                                 "input and feed both from one string). UNet "
+                                                 "maps are read at these tokens."}),
+                "concepts": ("STRING", {"default": "",
+                                        "tooltip": "Comma-separated words to map, e.g. 'seven, "
+                                                   "two'. Empty: every content word of the "
+                                                   "prompt. UNet: each must occur in the "
+                                                   "prompt. DiT: any words (add background "
+                                                   "words such as 'sky' for cleaner masks)."}),
+                "method": (list(METHODS), {"default": "auto",
+                                           "tooltip": "auto: DAAM on UNets, ConceptAttention on "
+                                                      "DiTs. crossattention (DiT only): raw image"
+                                                      "-query / concept-key maps, for comparison."}),
+                "layers": ("STRING", {"default": "auto",
+                                      "tooltip": "Which attention layers to read, by index in "
+                                                 "execution order: 'auto', 'all', '2,3', '-2,-1' "
+                                                 "or '1-3'. auto: every cross-attention layer on "
+                                                 "UNets (DAAM); the later half of the joint "
+                                                 "blocks on DiTs."}),
+                "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                            "tooltip": "Record from this point of the sampling "
+                                                       "schedule (0 = first step)."}),
+                "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                          "tooltip": "Record up to this point (1 = last step)."}),
+            },
+        }
+
+    def capture(self, model, clip, prompt, concepts, method, layers, start_percent, end_percent):
+        fam = model_family(model)
+        allowed = UNET_FAMILIES + DIT_SALIENCY_FAMILIES
+        if fam == "flux":
+            raise fail(CAPTURE, "Flux models are not supported yet (SD3-style MMDiT and UNets "
+                       "are).", "Use an SD1.x / SD2.x / SDXL or SD3 model.")
+        require_family(CAPTURE, model, allowed, "Saliency capture")
+        if start_percent > end_percent:
+            raise fail(CAPTURE, f"start_percent ({start_percent}) is after end_percent "
+                       f"({end_percent}).", "Set start_percent <= end_percent.")
+        words = parse_concepts(concepts) or prompt_words(prompt)
+        if not words:
+            raise fail(CAPTURE, "No concepts to map: both 'concepts' and 'prompt' are empty.",
+                       "Type the words to map into 'concepts', or connect the positive prompt.")
+        is_unet = fam in UNET_FAMILIES
+        if method == "auto":
+            method = "daam" if is_unet else "conceptattention"
+        if is_unet and method != "daam":
+            raise fail(CAPTURE, f"'{method}' needs a multimodal DiT; this is a "
+                       f"{family_label(fam)} UNet.", "Set method to 'daam' or 'auto'.")
+        if not is_unet and method == "daam":
+            raise fail(CAPTURE, "DAAM reads UNet cross-attention; this is an SD3-style DiT.",
+                       "Set method to 'conceptattention', 'crossattention' or 'auto'.")
+        hi, lo = _sigma_range(model, start_percent, end_percent)
+        dm = model.model.diffusion_model
+        m = clone_model(model)
+        if is_unet:
+            rec = self._patch_unet(m, dm, clip, prompt, words, method, layers, fam, hi, lo)
+        else:
+            rec = self._patch_dit(m, dm, clip, words, method, layers, fam, hi, lo)
+        previous = m.model_options.get("model_function_wrapper")
+        m.set_model_unet_function_wrapper(_CallWrapper(rec, previous))
+        return (m, rec)
+
+    @staticmethod
+    def _layers(text, n, default):
+        try:
+            return parse_layers(text, n, default)
+        except ValueError as exc:
+            raise fail(CAPTURE, f"Bad 'layers' value '{text}': {exc}.",
+                       f"Use 'auto', 'all' or indices between 0 and {n - 1}.") from None
+
+    def _patch_unet(self, m, dm, clip, prompt, words, method, layers, fam, hi, lo):
+        if not (prompt or "").strip():
+            raise fail(CAPTURE, "DAAM needs the positive prompt to find the words' tokens, and "
+                       "'prompt' is empty.", "Connect or paste the positive prompt text.")
+        prompt_ids = _token_ids(clip, prompt)
+        groups, missing = [], []
+        for w in words:
+            pos = K.find_token_positions(prompt_ids, _word_ids(clip, w))
+            groups.append(pos)
+            if not pos:
+                missing.append(w)
+        if missing:
+            raise fail(CAPTURE, f"These concepts do not occur in the prompt: {', '.join(missing)}.",
+                       "With a UNet, map only words that are in the prompt (or add them to it).")
+        keys = unet_cross_attention_layers(dm)
+        chosen = self._layers(layers, len(keys), range(len(keys)))
+        rec = SaliencyRecording(words=words, method=method, family=fam, layers=chosen,
+                                sigma_hi=hi, sigma_lo=lo, groups=groups)
+        for i in chosen:
+            key = keys[i]
+            prev = _existing_replace(m, "attn2", key)
+            m.set_model_attn2_replace(_DaamPatch(rec, prev), *key)
+        return rec
+
+    def _patch_dit(self, m, dm, clip, words, method, layers, fam, hi, lo):
+        n = len(dm.joint_blocks)
+        chosen = self._layers(layers, n, range(n // 2, n))
+        embeds = _concept_embeddings(clip, words)
+        ctx_in = getattr(dm.context_embedder, "in_features", None)
+        if ctx_in is not None and embeds.shape[-1] != ctx_in:
+            raise fail(CAPTURE, f"The CLIP's vectors have {embeds.shape[-1]} channels, the "
+                       f"model's text input has {ctx_in}.",
+                       "Connect the CLIP that belongs to this model.")
+        rec = SaliencyRecording(words=words, method=method, family=fam, layers=chosen,
+                                sigma_hi=hi, sigma_lo=lo, concept_embeds=embeds)
+        for i in range(max(chosen) + 1):      # concepts must pass every block up to the last read
+            prev = _existing_replace(m, "dit", ("double_block", i))
+            m.set_model_patch_replace(_ConceptAttentionBlock(rec, dm, i, i in chosen, prev),
+                                      "dit", "double_block", i)
+        return rec
+
+
+# ---------------------------------------------------------------------------------------------
+# maps, masks, overlay
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Saliency:
+    """Typed saliency for downstream nodes: per-image, per-word maps at image resolution."""
+
+    words: list
+    method: str
+    maps: torch.Tensor               # (B, C, H, W), each map normalised to [0, 1]
+    threshold_mode: str = "fixed"
+    threshold: float = 0.5
+
+    def index(self, word: str) -> int:
+        w = word.strip().lower()
+        if w not in self.words:
+            raise KeyError(w)
+        return self.words.index(w)
+
+
+def _save_temp_png(array: np.ndarray, prefix: str) -> dict:
+    import folder_paths
+    from PIL import Image
+    folder = os.path.join(folder_paths.get_temp_directory(), "conceptlab")
+    os.makedirs(folder, exist_ok=True)
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}.png"
+    Image.fromarray(array).save(os.path.join(folder, name), compress_level=1)
+    return {"filename": name, "subfolder": "conceptlab", "type": "temp"}
+
+
+_THRESHOLD_INPUTS = {
+    "threshold_mode": (list(K.THRESHOLD_MODES), {
+        "default": "fixed",
+        "tooltip": "How maps become masks. mean: above the map's own mean (the ConceptAttention "
+                   "protocol); otsu: Otsu's threshold; fixed: above 'threshold'; argmax: the "
+                   "pixel goes to the strongest concept, if that map is above 'threshold'."}),
+    "threshold": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
+                            "tooltip": "Used by 'fixed' and 'argmax'. Maps are normalised to "
+                                       "0..1 (DAAM's paper used 0.4; small objects want more)."}),
+}
+
+
+class ConceptLabSaliencyMaps:
+    DESCRIPTION = (
+        "Turns a saliency recording into per-word heat maps for the decoded image: a SALIENCY "
+        "object for downstream nodes, colour-mapped overlays (one per image and word, image-"
+        "major) and masks (same order). The node shows an interactive viewer: pick a word and "
+        "slide the threshold.")
+    CATEGORY = "ConceptLab/saliency"
+    FUNCTION = "maps"
+    OUTPUT_NODE = True
+    RETURN_TYPES = ("SALIENCY", "IMAGE", "MASK")
+    RETURN_NAMES = ("saliency", "overlay", "masks")
+    OUTPUT_TOOLTIPS = ("Per-word maps at image resolution, for 'ConceptLab Mask From Concept'.",
+                       "Each image with each word's heat map on top (batch = images x words).",
+                       "Each word's mask (batch = images x words, same order as the overlay).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "recording": ("SALIENCY_RECORDING", {"tooltip": "From 'ConceptLab Saliency Capture'."}),
+            "images": ("IMAGE", {"tooltip": "The decoded images of the sampling run that used "
+                                            "the capture model (this also makes the node run "
+                                            "after the sampler)."}),
+            **_THRESHOLD_INPUTS,
+            "blur": ("BOOLEAN", {"default": True,
+                                 "tooltip": "3x3 blur of the latent-grid maps before upsampling "
+                                            "(smoother masks)."}),
+        }}
+
+    def maps(self, recording, images, threshold_mode, threshold, blur):
+        if not isinstance(recording, SaliencyRecording):
+            raise fail(MAPS, f"'recording' is a {type(recording).__name__}.",
+                       "Connect the 'recording' output of ConceptLab Saliency Capture.")
+        raw = recording.result()
+        if raw is None:
+            raise fail(MAPS, "The recording is empty: no sampling step ran with the capture "
+                       "model inside the recorded range.",
+                       "Sample with the MODEL output of ConceptLab Saliency Capture, and check "
+                       "its start/end percent.")
+        if not torch.is_tensor(images) or images.ndim != 4 or images.shape[-1] not in (3, 4):
+            raise fail(MAPS, "'images' is not an IMAGE batch.", "Connect a VAE Decode output.")
+        b, height, width = images.shape[0], images.shape[1], images.shape[2]
+        if raw.shape[0] != b:
+            raise fail(MAPS, f"The recording has {raw.shape[0]} image(s), 'images' has {b}.",
+                       "Decode the latents of the same sampler run that used the capture model.")
+        grid = K.blur3x3(raw) if blur else raw
+        maps = K.normalise(K.resize(K.normalise(grid), height, width))
+        masks = K.masks_from_maps(maps, threshold_mode, threshold)
+        rgb = images[..., :3].detach().float().cpu()
+        overlays = torch.stack([K.overlay(rgb[i], maps[i, j]) for i in range(b)
+                                for j in range(len(recording.words))])
+        sal = Saliency(list(recording.words), recording.method, maps, threshold_mode, threshold)
+        ui = {"concept_lab_saliency": [self._viewer_payload(sal, rgb)]}
+        return {"ui": ui, "result": (sal, overlays, masks.flatten(0, 1))}
+
+    @staticmethod
+    def _viewer_payload(sal: Saliency, rgb: torch.Tensor) -> dict:
+        base = [_save_temp_png((rgb[i].numpy() * 255).round().astype(np.uint8), "sal_image")
+                for i in range(rgb.shape[0])]
+        maps = [[_save_temp_png((sal.maps[i, j].numpy() * 255).round().astype(np.uint8),
+                                "sal_map") for j in range(len(sal.words))]
+                for i in range(rgb.shape[0])]
+        return {"words": sal.words, "method": sal.method, "threshold": float(sal.threshold),
+                "images": base, "maps": maps}
+
+
+class ConceptLabMaskFromConcept:
+    DESCRIPTION = ("One word's saliency as a MASK (one per image), e.g. to inpaint or composite "
+                   "exactly where the model put that word.")
+    CATEGORY = "ConceptLab/saliency"
+    FUNCTION = "mask"
+    RETURN_TYPES = ("MASK",)
+    RETURN_NAMES = ("mask",)
+    OUTPUT_TOOLTIPS = ("1 where the concept is, 0 elsewhere (batch = images).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "saliency": ("SALIENCY", {"tooltip": "From 'ConceptLab Saliency Maps'."}),
+            "concept": ("STRING", {"default": "", "tooltip": "One of the recorded words."}),
+            **_THRESHOLD_INPUTS,
+            "grow": ("INT", {"default": 0, "min": 0, "max": 64,
+                             "tooltip": "Dilate the mask by this many pixels (for inpainting)."}),
+        }}
+
+    def mask(self, saliency, concept, threshold_mode, threshold, grow):
+        if not isinstance(saliency, Saliency):
+            raise fail(MASK_NODE, f"'saliency' is a {type(saliency).__name__}.",
+                       "Connect the 'saliency' output of ConceptLab Saliency Maps.")
+        try:
+            j = saliency.index(concept)
+        except KeyError:
+            raise fail(MASK_NODE, f"'{concept}' was not recorded (recorded: "
+                       f"{', '.join(saliency.words)}).",
+                       "Type one of the recorded words, or add it to the capture's concepts.") \
+                from None
+        masks = K.masks_from_maps(saliency.maps, threshold_mode, threshold)[:, j]
+        if grow:
+            masks = torch.nn.functional.max_pool2d(masks.unsqueeze(1), 2 * grow + 1, stride=1,
+                                                   padding=grow).squeeze(1)
+        return (masks,)
+
+
+NODE_CLASS_MAPPINGS = {
+    "ConceptLabSaliencyCapture": ConceptLabSaliencyCapture,
+    "ConceptLabSaliencyMaps": ConceptLabSaliencyMaps,
+    "ConceptLabMaskFromConcept": ConceptLabMaskFromConcept,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "ConceptLabSaliencyCapture": CAPTURE,
+    "ConceptLabSaliencyMaps": MAPS,
+    "ConceptLabMaskFromConcept": MASK_NODE,
+}
