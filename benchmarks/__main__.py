@@ -4,6 +4,8 @@ Jobs:
   world       the digits world measured: judge accuracy, class-prompt accuracy vs frequency
   train       train a digits-world demo model on the CPU in under 30 minutes
               (--model unet: VAE + text encoder + UNet; --model dit: the MMDiT, ComfyUI 0.3.x)
+  saliency    attention saliency on digits-world scenes: mIoU of DAAM (UNet), ConceptAttention and
+              cross-attention (DiT, ComfyUI 0.3.x), capture overhead, bit-identity, memory
   foundation  what gradients through a ComfyUI model cost (bytes copied, snapshot bytes, time)
   demo        the bundled digits-world demo end to end through a real ComfyUI server: the example
               workflows demo_model_txt2img.json (and demo_dit_txt2img.json on ComfyUI 0.3.x) are
@@ -145,6 +147,9 @@ def main(argv=None) -> int:
     from .world import train as world_train
     world_train.add_arguments(t)
     t.add_argument("--json", help="write the training figures to this path")
+    sl = sub.add_parser("saliency", help="measure DAAM / ConceptAttention saliency on the demo models")
+    from . import saliency as saliency_bench
+    saliency_bench.add_arguments(sl)
     f = sub.add_parser("foundation", help="cost of gradients through a ComfyUI model")
     f.add_argument("--json", help="write the figures to this path")
     args = p.parse_args(argv)
@@ -155,6 +160,10 @@ def main(argv=None) -> int:
         _print_world(res)
     elif args.job == "train":
         res = world_train.main(args)
+    elif args.job == "saliency":
+        res = saliency_bench.run(args)
+        if not args.memory_probe:
+            print(_table([(k, str(v)) for k, v in res.items() if not isinstance(v, dict)]))
     elif args.job == "foundation":
         from . import foundation
         res = foundation.run(args)

@@ -67,22 +67,34 @@ def to_latent_grid(maps: torch.Tensor, height: int, width: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # DAAM
 # ---------------------------------------------------------------------------------------------
+def token_selection(groups: Sequence[Sequence[int]], n_tokens: int) -> torch.Tensor:
+    """(n_tokens, len(groups)) 0/1 matrix: column c sums the probabilities of word c's tokens."""
+    sel = torch.zeros(n_tokens, len(groups), dtype=torch.float32)
+    for c, g in enumerate(groups):
+        for t in g:
+            if t < n_tokens:
+                sel[t, c] = 1.0
+    return sel
+
+
 def daam_token_maps(q: torch.Tensor, k: torch.Tensor, heads: int,
-                    groups: Sequence[Sequence[int]]) -> torch.Tensor:
+                    groups: Sequence[Sequence[int]],
+                    selection: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Cross-attention probability maps of word groups, summed over heads.
 
     q: (B, N, heads*d) image queries; k: (B, T, heads*d) prompt keys; groups: token positions of
-    each word (sub-tokens, every occurrence). Returns (B, N, len(groups)) in float32: for each
-    image token, the summed probability mass it puts on each word's tokens. The softmax runs over
-    all T keys, exactly as in the model's own attention."""
+    each word (sub-tokens, every occurrence); ``selection``: :func:`token_selection` of them, if
+    already built. Returns (B, N, len(groups)) in float32: for each image token, the summed
+    probability mass it puts on each word's tokens. The softmax runs over all T keys, exactly as
+    in the model's own attention."""
     b, n, inner = q.shape
     d = inner // heads
     qh = q.reshape(b, n, heads, d).transpose(1, 2).float()
     kh = k.reshape(b, k.shape[1], heads, d).transpose(1, 2).float()
     probs = torch.softmax(qh @ kh.transpose(-1, -2) * (d ** -0.5), dim=-1)   # (B, h, N, T)
-    probs = probs.sum(dim=1)                                                   # (B, N, T)
-    cols = [probs[..., list(g)].sum(dim=-1) if len(g) else probs.new_zeros(b, n) for g in groups]
-    return torch.stack(cols, dim=-1)
+    if selection is None:
+        selection = token_selection(groups, k.shape[1])
+    return probs.sum(dim=1) @ selection.to(probs.device)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -184,25 +184,34 @@ class SaliencyRecording:
         return [r for ci in self._cond_rows for r in range(ci * b, (ci + 1) * b)]
 
     def add(self, name: str, token_maps: torch.Tensor) -> None:
-        """token_maps: (len(rows()), N, C), the positive rows of the call, in rows() order."""
+        """token_maps: (len(rows()), N, C), the positive rows of the call, in rows() order.
+
+        Sums are kept per layer resolution on the layer's own grid; :meth:`result` upsamples
+        each once (bilinear upsampling is linear, so this equals upsampling every call)."""
         b = self._chunk
-        h, w = self._latent_hw
+        h, w = K.grid_shape(token_maps.shape[1], *self._latent_hw)
+        per_res = self.maps.setdefault(name, {})
+        acc = per_res.get((h, w))
+        if acc is None:
+            acc = per_res[(h, w)] = K.RunningMaps(b, len(self.words), h, w)
         for part in token_maps.split(b):
-            grid = K.to_latent_grid(part.float(), h, w)
-            acc = self.maps.get(name)
-            if acc is None:
-                acc = self.maps[name] = K.RunningMaps(b, len(self.words), h, w)
-            if acc.shape != tuple(grid.shape):
+            if part.shape[0] != b or acc.shape[0] != b:
                 self.skipped_calls += 1                      # e.g. ComfyUI split the batch
                 continue
-            acc.add(grid.cpu())
+            acc.add(part.transpose(1, 2).reshape(b, -1, h, w).cpu())
 
     def result(self, name: Optional[str] = None) -> Optional[torch.Tensor]:
-        acc = self.maps.get(name or self.method)
-        return None if acc is None else acc.mean()
+        """(B, C, H, W) mean map on the latent grid, or None if nothing was recorded."""
+        per_res = self.maps.get(name or self.method)
+        if not per_res:
+            return None
+        height, width = self._latent_hw
+        total = sum(K.resize(acc.sum, height, width) for acc in per_res.values())
+        count = sum(acc.count for acc in per_res.values())
+        return total / count.clamp(min=1).view(-1, 1, 1, 1)
 
     def state_bytes(self) -> int:
-        return sum(m.nbytes() for m in self.maps.values())
+        return sum(acc.nbytes() for per_res in self.maps.values() for acc in per_res.values())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,6 +254,7 @@ class _DaamPatch:
 
     def __init__(self, rec: SaliencyRecording, previous=None):
         self.rec, self.previous = rec, previous
+        self._selection = {}
 
     def __call__(self, q, k, v, extra_options):
         heads = extra_options["n_heads"]
@@ -258,7 +268,10 @@ class _DaamPatch:
         rec = self.rec
         if rec._active:
             rows = rec.rows()
-            rec.add("daam", K.daam_token_maps(q[rows], k[rows], heads, rec.groups))
+            sel = self._selection.get(k.shape[1])
+            if sel is None:
+                sel = self._selection[k.shape[1]] = K.token_selection(rec.groups, k.shape[1])
+            rec.add("daam", K.daam_token_maps(q[rows], k[rows], heads, rec.groups, sel))
         return out
 
 
