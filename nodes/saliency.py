@@ -178,10 +178,14 @@ class SaliencyRecording:
         self.skipped_calls = 0
         self.run_id = uuid.uuid4().hex[:12]
 
-    def rows(self) -> list:
-        """Batch rows of the current call that belong to the positive prompt."""
+    def rows(self):
+        """Batch rows of the current call that belong to the positive prompt: a slice when they
+        are contiguous (the usual single positive chunk; indexing is then a view), else a list."""
         b = self._chunk
-        return [r for ci in self._cond_rows for r in range(ci * b, (ci + 1) * b)]
+        cr = self._cond_rows
+        if cr == list(range(cr[0], cr[0] + len(cr))):
+            return slice(cr[0] * b, (cr[-1] + 1) * b)
+        return [r for ci in cr for r in range(ci * b, (ci + 1) * b)]
 
     def add(self, name: str, token_maps: torch.Tensor) -> None:
         """token_maps: (len(rows()), N, C), the positive rows of the call, in rows() order.
