@@ -6,6 +6,10 @@ Jobs:
               (--model unet: VAE + text encoder + UNet; --model dit: the MMDiT, ComfyUI 0.3.x)
   saliency    attention saliency on digits-world scenes: mIoU of DAAM (UNet), ConceptAttention and
               cross-attention (DiT, ComfyUI 0.3.x), capture overhead, bit-identity, memory
+  concept-neurons  Cones on the digits world: subject fidelity before / after applying a concept,
+              against a K/V fine-tune baseline, shut fraction, file bytes, two subjects, time ratio
+  seed-search SeedSelect / Seed Rank on the digits world's rare classes: success rates against
+              random seeds and best-of-N at equal wall time, time and memory ratios
   foundation  what gradients through a ComfyUI model cost (bytes copied, snapshot bytes, time)
   demo        the bundled digits-world demo end to end through a real ComfyUI server: the example
               workflows demo_model_txt2img.json (and demo_dit_txt2img.json on ComfyUI 0.3.x) are
@@ -150,6 +154,12 @@ def main(argv=None) -> int:
     sl = sub.add_parser("saliency", help="measure DAAM / ConceptAttention saliency on the demo models")
     from . import saliency as saliency_bench
     saliency_bench.add_arguments(sl)
+    cn = sub.add_parser("concept-neurons", help="measure concept-neuron extraction / application (Cones)")
+    from . import concept_neurons as concept_bench
+    concept_bench.add_arguments(cn)
+    ss = sub.add_parser("seed-search", help="measure seed search (SeedSelect, Seed Rank) on rare classes")
+    from . import seed_search as seed_bench
+    seed_bench.add_arguments(ss)
     f = sub.add_parser("foundation", help="cost of gradients through a ComfyUI model")
     f.add_argument("--json", help="write the figures to this path")
     args = p.parse_args(argv)
@@ -164,6 +174,12 @@ def main(argv=None) -> int:
         res = saliency_bench.run(args)
         if not args.memory_probe:
             print(_table([(k, str(v)) for k, v in res.items() if not isinstance(v, dict)]))
+    elif args.job == "concept-neurons":
+        res = concept_bench.run(args)
+        print(_table([(k, str(v)) for k, v in res.items() if not isinstance(v, (dict, list))]))
+    elif args.job == "seed-search":
+        res = seed_bench.run(args)
+        print(_table([(k, str(v)) for k, v in res.items() if not isinstance(v, (dict, list))]))
     elif args.job == "foundation":
         from . import foundation
         res = foundation.run(args)

@@ -39,13 +39,13 @@ sys.modules.setdefault("conceptlab_comfy_runtime", cr)  # short alias for test m
 def kernels():
     """The pack's kernels package, imported alone (no ComfyUI) as ``conceptlab_kernels``."""
     _load_by_path("conceptlab_kernels", ROOT / "kernels" / "__init__.py", ROOT / "kernels")
-    return SimpleNamespace(**{m: importlib.import_module(f"conceptlab_kernels.{m}")
-                              for m in ("autograd", "fingerprint", "layers", "saliency")})
+    names = sorted(p.stem for p in (ROOT / "kernels").glob("*.py") if not p.stem.startswith("_"))
+    return SimpleNamespace(**{m: importlib.import_module(f"conceptlab_kernels.{m}") for m in names})
 
 
 @pytest.fixture(scope="session")
 def K():
-    """Kernels namespace: K.autograd, K.fingerprint, K.layers, K.saliency."""
+    """Kernels namespace: one attribute per module of kernels/ (K.autograd, K.saliency, ...)."""
     return kernels()
 
 
