@@ -147,9 +147,9 @@ function paint(canvas, baseImg, mapImg, threshold) {
                     d[o + 2] = 0.45 * base[o + 2] + 0.55 * c[2];
                 }
             } else {
-                d[o] = 0.3 * base[o];
-                d[o + 1] = 0.3 * base[o + 1];
-                d[o + 2] = 0.3 * base[o + 2];
+                d[o] = 0.4 * base[o];
+                d[o + 1] = 0.4 * base[o + 1];
+                d[o + 2] = 0.4 * base[o + 2];
             }
             d[o + 3] = 255;
         }

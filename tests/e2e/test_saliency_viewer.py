@@ -206,7 +206,7 @@ def test_saliency_viewer_runs_switches_and_survives_reload(tmp_path):
 
             # Reload: the workflow (with the node's saved viewer state) comes back from the
             # front end's workflow persistence, and the viewer repaints the same picture.
-            page.wait_for_timeout(300)
+            page.wait_for_timeout(1200)   # the 2024 front end saves the open graph once a second
             page.reload(wait_until="load", timeout=fe.LOAD_TIMEOUT_MS)
             _wait_app(page)
             page.wait_for_function("(id) => !!window.app.graph.getNodeById(id)", arg=node_id,
