@@ -1,4 +1,544 @@
-"""Seed search (SeedSelect, norm-aware, best-of-N). Work in progress."""
+"""Seed search nodes: SeedSelect-style noise optimisation and best-of-N seed ranking.
 
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+Graph shapes::
+
+    Load model -> CLIPTextEncode (+/-) -> ConceptLab Seed Search (optimise) -> NOISE  -> SamplerCustomAdvanced
+                  EmptyLatentImage ---/   reference IMAGEs --/                 -> LATENT (the noise itself)
+                                                                               -> IMAGE  (loss curve)
+
+    ... -> ConceptLab Seed Rank (best-of-N) -> seed (INT) -> any KSampler's seed input
+
+How the nodes differentiate through ComfyUI (the version differences live here, not in
+``kernels/seed_search.py``): the search runs *inside* a custom ``comfy.samplers.KSAMPLER``
+function passed to ``comfy.sample.sample_custom``. ComfyUI therefore prepares the conditioning
+for the model's family (SD1.x / SD2.x / SDXL ``y`` / SD3 pooled vectors), applies CFG and the
+model's patches, and hands our function the CFG-combined denoiser. Our function runs the kernel's
+own short Euler loop with autograd (ComfyUI's k-diffusion samplers are ``no_grad``), with the
+diffusion model's, the VAE's and the CLIP vision model's inference-tensor weights aliased as
+ordinary tensors (``_runtime.gradients_through``, zero-copy; the incoming MODEL is not changed).
+The same function and ``comfy.sample.prepare_noise`` work on the 2024 snapshot and on 0.3.x.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+
+from ..kernels import seed_search as K
+from ..kernels.autograd import activation_snapshots, differentiable_weights
+from ._runtime import Progress, fail, gradients_through, load_for_compute, require_family
+
+SEARCH = "ConceptLab Seed Search (optimise)"
+RANK = "ConceptLab Seed Rank (best-of-N)"
+FAMILIES = ("sd1", "sd2", "sdxl", "sd3")
+MAX_REFERENCES = 10
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+# ---------------------------------------------------------------------------------------------
+# ComfyUI version differences
+# ---------------------------------------------------------------------------------------------
+def schedule(model, steps: int, scheduler: str = "normal") -> torch.Tensor:
+    """The model's sigma schedule for ``steps`` steps (0.3.x: calculate_sigmas on model_sampling;
+    2024: calculate_sigmas_scheduler on the base model)."""
+    if hasattr(comfy.samplers, "calculate_sigmas"):
+        ms = model.get_model_object("model_sampling") if hasattr(model, "get_model_object") \
+            else model.model.model_sampling
+        return comfy.samplers.calculate_sigmas(ms, scheduler, steps).cpu()
+    return comfy.samplers.calculate_sigmas_scheduler(model.model, scheduler, steps).cpu()
+
+
+def latent_channels(model) -> int | None:
+    fmt = getattr(model.model, "latent_format", None)
+    return getattr(fmt, "latent_channels", None)
+
+
+def fix_latent(model, latent: dict) -> dict:
+    """0.3.x's fix_empty_latent_channels (an empty 4-channel latent for a 16-channel model)."""
+    fix = getattr(comfy.sample, "fix_empty_latent_channels", None)
+    if fix is None:
+        return latent
+    out = dict(latent)
+    out["samples"] = fix(model, latent["samples"])
+    return out
+
+
+def run_inside_sampler(model, positive, negative, latent_samples, cfg, sigmas, noise, seed, body):
+    """Run ``body(denoise, to_x, sigmas)`` inside ComfyUI's own sampling machinery.
+
+    ``comfy.sample.sample_custom`` loads the model, prepares the conditioning and builds the
+    CFG denoiser exactly as every stock sampler does; our ``KSAMPLER`` function receives it and,
+    instead of sampling, calls ``body`` with ``denoise(x, sigma) -> x0`` and ``to_x(z)``, the
+    model's own scaling of unit noise (``noise_scaling``, as ComfyUI applies it at step 0).
+    Returns what ``body`` returned.
+    """
+    holder = {}
+
+    def search_function(model_k, x, sig, extra_args=None, callback=None, disable=None, **_):
+        extra_args = extra_args or {}
+        ms = model_k.inner_model.inner_model.model_sampling
+        lat = model_k.latent_image
+        s0 = float(sig[0])
+        max_denoise = math.isclose(float(ms.sigma_max), s0, rel_tol=1e-05) or s0 > float(ms.sigma_max)
+
+        def denoise(xx, s):
+            return model_k(xx, s * xx.new_ones([xx.shape[0]]), **extra_args)
+
+        def to_x(z):
+            return ms.noise_scaling(sig[0], z.to(x), lat, max_denoise)
+
+        holder["out"] = body(denoise, to_x, sig)
+        return x
+
+    with torch.inference_mode(False):
+        comfy.sample.sample_custom(
+            model, noise.clone(), cfg, comfy.samplers.KSAMPLER(search_function), sigmas.clone(),
+            positive, negative, latent_samples.clone(), disable_pbar=True, seed=seed)
+    return holder["out"]
+
+
+# ---------------------------------------------------------------------------------------------
+# differentiable VAE / CLIP vision pieces
+# ---------------------------------------------------------------------------------------------
+def _vae_module(vae):
+    fsm = getattr(vae, "first_stage_model", None)
+    if fsm is None:
+        raise TypeError("not a VAE")
+    return fsm
+
+
+def vae_posterior_mean(vae, images_bchw: torch.Tensor) -> torch.Tensor:
+    """The VAE encoder's posterior mean (raw latent space) of images in [0, 1]; differentiable."""
+    fsm = _vae_module(vae)
+    x = (images_bchw * 2.0 - 1.0).to(vae.device, getattr(vae, "vae_dtype", torch.float32))
+    h = fsm.encoder(x)
+    qc = getattr(fsm, "quant_conv", None)
+    if qc is not None:
+        h = qc(h)
+    ch = getattr(vae, "latent_channels", h.shape[1] // 2)
+    return h[:, :ch].float() if h.shape[1] >= 2 * ch else h.float()
+
+
+def vae_decode(vae, latent_raw: torch.Tensor) -> torch.Tensor:
+    """Decoded images (B, 3, H, W) in [0, 1]; differentiable (ComfyUI's VAE.decode is not)."""
+    fsm = _vae_module(vae)
+    out = fsm.decode(latent_raw.to(vae.device, getattr(vae, "vae_dtype", torch.float32)))
+    return ((out.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def clip_vision_embed(cv, images_bchw: torch.Tensor) -> torch.Tensor:
+    """CLIP vision image embeddings with a differentiable resize / normalise."""
+    size = int(getattr(cv, "image_size", 224))
+    px = K.preprocess_for_vision(images_bchw, size, getattr(cv, "image_mean", CLIP_MEAN),
+                                 getattr(cv, "image_std", CLIP_STD))
+    dtype = getattr(cv, "dtype", None) or torch.float32
+    out = cv.model(pixel_values=px.to(cv.load_device, dtype), intermediate_output=-2)
+    return out[2].float()
+
+
+@contextlib.contextmanager
+def differentiable(model, vae, clip_vision=None):
+    """Autograd through the diffusion model, the VAE and the CLIP vision model, zero-copy.
+
+    The diffusion model goes through ``_runtime.gradients_through`` (no trainable weights: the
+    noise is the leaf); the VAE and CLIP vision modules get the same aliasing. One activation
+    snapshot hook covers all three (ComfyUI's blocks update activations in place)."""
+    extra = [_vae_module(vae)] + ([clip_vision.model] if clip_vision is not None else [])
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(gradients_through(model, snapshot_saved=False))
+        for m in extra:
+            stack.enter_context(differentiable_weights(m, snapshot_saved=False))
+        mods = [model.model.diffusion_model] + extra
+        weights = [t for m in mods for t in list(m.parameters()) + list(m.buffers())]
+        stack.enter_context(activation_snapshots(weights))
+        yield
+
+
+# ---------------------------------------------------------------------------------------------
+# the objective (SeedSelect: semantic + appearance)
+# ---------------------------------------------------------------------------------------------
+class Objective:
+    """Builds ``step_loss(x0, i)`` and ``score(x0)`` for the kernels from the references."""
+
+    def __init__(self, model, vae, clip_vision, refs_bchw, semantic_weight, appearance_weight):
+        self.base = model.model
+        self.vae, self.cv = vae, clip_vision
+        self.w_sem, self.w_app = float(semantic_weight), float(appearance_weight)
+        with torch.inference_mode(False), torch.no_grad():
+            refs = refs_bchw.clone()
+            self.ref_latent_mean = vae_posterior_mean(vae, refs).mean(0, keepdim=True)
+            self.ref_dir = K.reference_direction(self.embed(refs, latent=None))
+        self.embedding = "clip_vision" if clip_vision is not None else "vae_latent"
+
+    def embed(self, images_bchw, latent=None):
+        if self.cv is not None:
+            return clip_vision_embed(self.cv, images_bchw)
+        return K.latent_embedding(vae_posterior_mean(self.vae, images_bchw))
+
+    def _raw(self, x0):
+        return self.base.process_latent_out(x0)
+
+    def parts(self, x0, semantic=True, appearance=True) -> dict:
+        raw = self._raw(x0)
+        out = {}
+        if semantic and self.w_sem:
+            out["semantic"] = K.semantic_loss(self.embed(vae_decode(self.vae, raw)), self.ref_dir)
+        if appearance and self.w_app:
+            out["appearance"] = K.appearance_loss(raw, self.ref_latent_mean)
+        return out
+
+    def step_loss_fn(self, n_steps: int, semantic_steps: int = 3):
+        weights = K.step_weights(n_steps, K.SEMANTIC_STEP_WEIGHTS[-max(1, int(semantic_steps)):])
+
+        def step_loss(x0, i):
+            last = i == n_steps - 1
+            if i not in weights and not last:
+                return None
+            p = self.parts(x0, semantic=i in weights, appearance=last)
+            total = None
+            if "semantic" in p:
+                total = self.w_sem * weights[i] * p["semantic"]
+            if "appearance" in p:
+                a = self.w_app * p["appearance"]
+                total = a if total is None else total + a
+            return total
+        return step_loss
+
+    def score(self, x0):
+        p = self.parts(x0)
+        return self.w_sem * p.get("semantic", 0.0) + self.w_app * p.get("appearance", 0.0) + x0.new_zeros(x0.shape[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# input checks
+# ---------------------------------------------------------------------------------------------
+def check_model(node, model, vae):
+    require_family(node, model, FAMILIES, "Seed search")
+    if getattr(vae, "first_stage_model", None) is None or not hasattr(vae.first_stage_model, "encoder"):
+        raise fail(node, f"The 'vae' input is a {type(vae).__name__}, not a VAE with an encoder.",
+                   "Connect the VAE output of your checkpoint loader (or ConceptLab Load Demo Model).")
+
+
+def check_latent(node, model, latent) -> dict:
+    if not isinstance(latent, dict) or not torch.is_tensor(latent.get("samples")):
+        raise fail(node, "The 'latent' input is not a LATENT.",
+                   "Connect an Empty Latent Image (it sets the size and batch).")
+    latent = fix_latent(model, latent)
+    s = latent["samples"]
+    want = latent_channels(model)
+    if s.ndim != 4 or (want is not None and s.shape[1] != want):
+        raise fail(node, f"The latent has shape {tuple(s.shape)}, but this model works on "
+                   f"{want}-channel image latents (B, {want}, H, W).",
+                   "Use an Empty Latent Image made for this model (e.g. SD3 / SDXL latent nodes).")
+    return latent
+
+
+def gather_references(node, images, height: int, width: int) -> torch.Tensor:
+    """1 to 10 reference images as (N, 3, H, W) in [0, 1] at the latent's pixel size.
+
+    Each input may be a batch; inputs of different sizes are resized (bilinear, antialiased)."""
+    out = []
+    for name, img in images:
+        if img is None:
+            continue
+        if not torch.is_tensor(img) or img.ndim != 4 or img.shape[-1] not in (1, 3, 4) \
+                or not img.is_floating_point():
+            what = type(img).__name__ if not torch.is_tensor(img) else f"a tensor of shape {tuple(img.shape)}"
+            raise fail(node, f"The '{name}' input is {what}, not an IMAGE (B, H, W, 3).",
+                       "Connect images, e.g. from Load Image.")
+        x = img.detach().float().movedim(-1, 1)
+        x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x[:, :3]
+        if x.shape[-2:] != (height, width):
+            x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+        out.append(x.clamp(0, 1))
+    if not out:
+        raise fail(node, "No reference images were given.",
+                   "Connect 1 to 10 images of the concept to the 'references' input.")
+    refs = torch.cat(out)
+    if refs.shape[0] > MAX_REFERENCES:
+        raise fail(node, f"{refs.shape[0]} reference images were given; at most {MAX_REFERENCES} are used.",
+                   f"Pass {MAX_REFERENCES} or fewer (a few typical images work best).")
+    return refs
+
+
+def pixel_size(vae, latent_samples) -> tuple:
+    r = int(getattr(vae, "downscale_ratio", 8) or 8)
+    return latent_samples.shape[-2] * r, latent_samples.shape[-1] * r
+
+
+# ---------------------------------------------------------------------------------------------
+# outputs
+# ---------------------------------------------------------------------------------------------
+class OptimisedNoise:
+    """A NOISE for SamplerCustomAdvanced (ComfyUI 0.3.x): returns the optimised noise.
+
+    ``seed`` is the seed the search started from (kept for metadata and samplers that read it)."""
+
+    def __init__(self, samples: torch.Tensor, seed: int):
+        self.samples = samples.detach().cpu().float()
+        self.seed = int(seed)
+
+    def generate_noise(self, input_latent):
+        s = input_latent["samples"]
+        if tuple(s.shape) != tuple(self.samples.shape):
+            raise fail(SEARCH, f"The latent given to the sampler has shape {tuple(s.shape)}, but the "
+                       f"optimised noise has shape {tuple(self.samples.shape)}.",
+                       "Sample with the same latent (size and batch) you gave to Seed Search.")
+        return self.samples.clone().to(s.dtype)
+
+
+def loss_plot(curve: list, best_it: int, width: int = 320, height: int = 200) -> torch.Tensor:
+    """The loss curve as a (1, H, W, 3) IMAGE, drawn with PIL (no matplotlib)."""
+    from PIL import Image, ImageDraw
+    im = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(im)
+    L, R, T, B = 44, 10, 22, 24
+    d.rectangle([L, T, width - R, height - B], outline="black")
+    d.text((L, 4), "seed search objective (mean over batch)", fill="black")
+    if curve:
+        lo, hi = min(curve), max(curve)
+        hi = hi if hi > lo else lo + 1e-6
+        n = max(len(curve) - 1, 1)
+
+        def px(i, v):
+            return (L + i / n * (width - L - R), T + (hi - v) / (hi - lo) * (height - T - B))
+        d.text((2, T - 4), f"{hi:.3g}", fill="black")
+        d.text((2, height - B - 8), f"{lo:.3g}", fill="black")
+        d.text((L, height - B + 6), "iteration", fill="black")
+        d.text((width - R - 24, height - B + 6), str(len(curve) - 1), fill="black")
+        pts = [px(i, v) for i, v in enumerate(curve)]
+        if len(pts) > 1:
+            d.line(pts, fill=(30, 90, 200), width=2)
+        bi = min(max(int(best_it), 0), len(curve) - 1)
+        x, y = pts[bi]
+        d.ellipse([x - 4, y - 4, x + 4, y + 4], outline=(200, 30, 30), width=2)
+    arr = np.asarray(im, dtype=np.float32) / 255.0
+    return torch.from_numpy(arr)[None]
+
+
+# ---------------------------------------------------------------------------------------------
+# shared input declarations
+# ---------------------------------------------------------------------------------------------
+def _common_inputs():
+    return {
+        "model": ("MODEL", {"tooltip": "The diffusion model you will sample with (SD1.x, SD2.x, "
+                                       "SDXL or SD3). It is not modified."}),
+        "vae": ("VAE", {"tooltip": "The model's VAE: decodes candidates for the losses and encodes "
+                                   "the references."}),
+        "positive": ("CONDITIONING", {"tooltip": "The prompt you will sample with (e.g. 'an eight')."}),
+        "negative": ("CONDITIONING", {"tooltip": "The negative prompt you will sample with."}),
+        "latent": ("LATENT", {"tooltip": "An empty latent: sets the image size and batch size."}),
+        "references": ("IMAGE", {"tooltip": "1 to 10 images of the concept (a batch). Any size: they "
+                                            "are resized to the latent's pixel size."}),
+    }
+
+
+def _optional_inputs():
+    return {
+        "clip_vision": ("CLIP_VISION", {"tooltip": "Optional. Semantic loss on CLIP vision "
+                                                   "embeddings (SeedSelect). Without it, a pooled "
+                                                   "embedding from the VAE's own encoder is used."}),
+        "references_2": ("IMAGE", {"tooltip": "Optional more references, of any size."}),
+        "references_3": ("IMAGE", {"tooltip": "Optional more references, of any size."}),
+    }
+
+
+def _seed_cfg_inputs(seed_tip: str, cfg_tip: str):
+    return {
+        "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "tooltip": seed_tip}),
+        "cfg": ("FLOAT", {"default": 3.0, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": cfg_tip}),
+    }
+
+
+def _loss_inputs():
+    return {
+        "semantic_weight": ("FLOAT", {"default": 10.0, "min": 0.0, "max": 1000.0, "step": 0.1,
+                                      "tooltip": "Weight of the semantic loss (1 - cosine to the "
+                                                 "references' mean embedding). SeedSelect: 10."}),
+        "appearance_weight": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1000.0, "step": 0.1,
+                                        "tooltip": "Weight of the appearance loss (MSE of the final "
+                                                   "latent to the references' mean VAE latent)."}),
+    }
+
+
+def _prepare(node, model, vae, latent, references, references_2, references_3, clip_vision,
+             semantic_weight, appearance_weight):
+    check_model(node, model, vae)
+    latent = check_latent(node, model, latent)
+    if semantic_weight <= 0 and appearance_weight <= 0:
+        raise fail(node, "Both loss weights are 0, so there is nothing to optimise.",
+                   "Set semantic_weight and/or appearance_weight above 0.")
+    h, w = pixel_size(vae, latent["samples"])
+    refs = gather_references(node, [("references", references), ("references_2", references_2),
+                                    ("references_3", references_3)], h, w)
+    load_for_compute(model)
+    for p in (getattr(vae, "patcher", None), getattr(clip_vision, "patcher", None)):
+        if p is not None:
+            load_for_compute(p)
+    try:
+        objective = Objective(model, vae, clip_vision, refs, semantic_weight, appearance_weight)
+    except Exception as e:  # noqa: BLE001  (turn shape errors from the encoders into a clear message)
+        raise fail(node, f"Encoding the references failed: {e}.",
+                   "Check that the VAE (and CLIP vision model) belong to this model.") from e
+    return latent, objective
+
+
+# ---------------------------------------------------------------------------------------------
+# nodes
+# ---------------------------------------------------------------------------------------------
+class ConceptLabSeedSearch:
+    DESCRIPTION = (
+        "Finds initial noise that makes a rare concept appear (SeedSelect), from 1 to 10 reference "
+        "images, without fine-tuning. It optimises the noise itself: each iteration runs a short "
+        "sampler with gradients (checkpointed) through your model, and lowers 1 - cosine between the "
+        "generated image's embedding and the references' (CLIP vision, or the VAE encoder without "
+        "one) plus the distance of the final latent to the references' mean latent. A norm prior "
+        "keeps the noise on the Gaussian shell (ReNO); the best iterate is kept and the search stops "
+        "when the loss keeps rising. Outputs: NOISE for SamplerCustomAdvanced (ComfyUI 0.3.x), the "
+        "noise as a LATENT, and the loss curve. Sample with the same prompt, latent and CFG.")
+    CATEGORY = "ConceptLab/seed search"
+    FUNCTION = "search"
+    RETURN_TYPES = ("NOISE", "LATENT", "IMAGE")
+    RETURN_NAMES = ("noise", "noise_latent", "loss_curve")
+    OUTPUT_TOOLTIPS = (
+        "The optimised noise, for SamplerCustomAdvanced's noise input (use the same latent).",
+        "The optimised unit-variance noise as a LATENT (what the sampler scales by sigma_max).",
+        "The objective per iteration; the red circle marks the kept (best) iterate.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        req = _common_inputs()
+        req.update(_seed_cfg_inputs("Seed of the starting noise (the noise a stock KSampler would "
+                                    "draw with this seed).",
+                                    "CFG scale inside the search; use the one you sample with."))
+        req.update({
+            "iterations": ("INT", {"default": 30, "min": 1, "max": 500,
+                                   "tooltip": "Gradient steps at most (SeedSelect: 30)."}),
+            "search_steps": ("INT", {"default": 6, "min": 1, "max": 100,
+                                     "tooltip": "Sampling steps of the short differentiable "
+                                                "sampler inside each iteration (Euler)."}),
+            "learning_rate": ("FLOAT", {"default": 0.1, "min": 0.0001, "max": 10.0, "step": 0.001,
+                                        "tooltip": "Adam learning rate (SeedSelect: 0.1, then "
+                                                   "0.01)."}),
+            "lr_drop_after": ("INT", {"default": 10, "min": 1, "max": 500,
+                                      "tooltip": "The learning rate drops 10x after this many "
+                                                 "iterations (SeedSelect: 3 of 30)."}),
+            "norm_regulariser": ("BOOLEAN", {"default": True,
+                                             "tooltip": "Keep the noise on the Gaussian shell "
+                                                        "(ReNO's norm prior). Off: plain "
+                                                        "SeedSelect."}),
+            "norm_weight": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1000.0, "step": 0.1,
+                                      "tooltip": "Weight of the norm prior (0 on the shell; it "
+                                                 "grows as ||z|| leaves sqrt(d))."}),
+            "semantic_steps": ("INT", {"default": 3, "min": 1, "max": 3,
+                                       "tooltip": "Read the semantic loss on the images of the "
+                                                  "last 1-3 steps (SeedSelect: 3, weighted "
+                                                  "0.05/0.25/0.7). Fewer is faster."}),
+        })
+        req.update(_loss_inputs())
+        return {"required": req, "optional": _optional_inputs(), "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    def search(self, model, vae, positive, negative, latent, references, seed, cfg, iterations,
+               search_steps, learning_rate, lr_drop_after, norm_regulariser, norm_weight, semantic_steps,
+               semantic_weight, appearance_weight, clip_vision=None, references_2=None, references_3=None,
+               unique_id=None, patience=3):
+        latent, objective = _prepare(SEARCH, model, vae, latent, references, references_2, references_3,
+                                     clip_vision, semantic_weight, appearance_weight)
+        samples = latent["samples"]
+        z0 = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
+        sigmas = schedule(model, search_steps)
+        progress = Progress(iterations, node_id=unique_id)
+        step_loss = objective.step_loss_fn(search_steps, semantic_steps)
+
+        def body(denoise, to_x, sig):
+            with differentiable(model, vae, clip_vision):
+                return K.optimise_noise(
+                    z0, to_x, denoise, sig.float(), step_loss, iterations=iterations, lr=learning_rate,
+                    lr_drop_after=lr_drop_after, norm_weight=norm_weight if norm_regulariser else 0.0,
+                    patience=patience, on_iteration=lambda it, v: progress.step())
+
+        res = run_inside_sampler(model, positive, negative, samples, cfg, sigmas, z0, seed, body)
+        best = res.best_z.detach().cpu().float()
+        self.last_result = res
+        best_it = int(res.best_iteration.float().mean().round()) if len(res.curve) else 0
+        plot = loss_plot(res.curve, best_it)
+        return (OptimisedNoise(best, seed), {"samples": best}, plot)
+
+
+class ConceptLabSeedRank:
+    DESCRIPTION = (
+        "Best-of-N seeds: scores N random seeds (seed, seed+1, ...) with the same objective as Seed "
+        "Search, read on a one-call prediction (the model's x0 estimate at the first sigma, batched), "
+        "and outputs the best seed as an INT. Connect it to any stock KSampler's seed (same prompt, "
+        "latent and CFG): the result is reproducible without this pack. Much cheaper per candidate "
+        "than optimising, and works on every ComfyUI version.")
+    CATEGORY = "ConceptLab/seed search"
+    FUNCTION = "rank"
+    RETURN_TYPES = ("INT", "STRING")
+    RETURN_NAMES = ("best_seed", "ranking")
+    OUTPUT_TOOLTIPS = ("The best seed; feed it to a KSampler (same latent, prompt and CFG).",
+                       "All candidates, best first: rank, seed and score (lower is better).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        req = _common_inputs()
+        req.update(_seed_cfg_inputs("First candidate seed; candidates are seed, seed+1, ...",
+                                    "CFG scale of the scoring call; use the one you sample with."))
+        req.update({
+            "candidates": ("INT", {"default": 32, "min": 1, "max": 4096,
+                                   "tooltip": "How many seeds to score (N)."}),
+            "batch_size": ("INT", {"default": 16, "min": 1, "max": 256,
+                                   "tooltip": "Candidates scored per model call (memory vs speed)."}),
+        })
+        req.update(_loss_inputs())
+        return {"required": req, "optional": _optional_inputs(), "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    def rank(self, model, vae, positive, negative, latent, references, seed, candidates, cfg, batch_size,
+             semantic_weight, appearance_weight, clip_vision=None, references_2=None, references_3=None,
+             unique_id=None):
+        latent, objective = _prepare(RANK, model, vae, latent, references, references_2, references_3,
+                                     clip_vision, semantic_weight, appearance_weight)
+        samples = latent["samples"]
+        b = samples.shape[0]
+        seeds = [seed + i for i in range(candidates)]
+        per_call = max(1, batch_size // b)
+        chunks = [seeds[i:i + per_call] for i in range(0, len(seeds), per_call)]
+        progress = Progress(len(chunks), node_id=unique_id)
+        sigmas = schedule(model, 1)
+        scores = []
+        for chunk in chunks:
+            noise = torch.cat([comfy.sample.prepare_noise(samples, s, latent.get("batch_index")) for s in chunk])
+            lat = samples.repeat(len(chunk), 1, 1, 1)
+
+            def body(denoise, to_x, sig):
+                with torch.inference_mode(False), torch.no_grad():
+                    z = noise.to(sig.device)
+                    sc, _ = K.one_step_scores(z, to_x, denoise, sig[0].float(), objective.score)
+                return sc.view(len(chunk), b).mean(1).cpu()
+
+            scores.append(run_inside_sampler(model, positive, negative, lat, cfg, sigmas, noise, chunk[0], body))
+            progress.step()
+        ranking = K.rank(torch.cat(scores), seeds)
+        lines = [f"embedding: {objective.embedding}; lower score is better"]
+        lines += [f"{i + 1:>4}  seed {s:<12d} score {v:.5f}" for i, (s, v) in enumerate(ranking)]
+        self.last_ranking = ranking
+        return (ranking[0][0], "\n".join(lines))
+
+
+NODE_CLASS_MAPPINGS = {
+    "ConceptLabSeedSearch": ConceptLabSeedSearch,
+    "ConceptLabSeedRank": ConceptLabSeedRank,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "ConceptLabSeedSearch": SEARCH,
+    "ConceptLabSeedRank": RANK,
+}
