@@ -77,24 +77,51 @@ def token_selection(groups: Sequence[Sequence[int]], n_tokens: int) -> torch.Ten
     return sel
 
 
+def token_columns(groups: Sequence[Sequence[int]], n_tokens: int) -> tuple:
+    """The prompt positions DAAM reads, as ``(columns, combine)``: ``columns`` a long tensor of
+    positions below ``n_tokens``, ``combine`` a (len(columns), len(groups)) 0/1 matrix that sums
+    them per word, or None when every word is exactly one position of its own (then the
+    columns are already the words, in order)."""
+    in_range = [[t for t in g if t < n_tokens] for g in groups]
+    firsts = [g[0] for g in in_range if len(g) == 1]
+    if len(firsts) == len(groups) and len(set(firsts)) == len(firsts):
+        return torch.tensor(firsts, dtype=torch.long), None
+    cols = sorted({t for g in in_range for t in g})
+    where = {t: i for i, t in enumerate(cols)}
+    combine = torch.zeros(len(cols), len(groups), dtype=torch.float32)
+    for c, g in enumerate(in_range):
+        for t in g:
+            combine[where[t], c] = 1.0
+    return torch.tensor(cols, dtype=torch.long), combine
+
+
 def daam_token_maps(q: torch.Tensor, k: torch.Tensor, heads: int,
                     groups: Sequence[Sequence[int]],
-                    selection: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    selection=None) -> torch.Tensor:
     """Cross-attention probability maps of word groups, summed over heads.
 
     q: (B, N, heads*d) image queries; k: (B, T, heads*d) prompt keys; groups: token positions of
-    each word (sub-tokens, every occurrence); ``selection``: :func:`token_selection` of them, if
-    already built. Returns (B, N, len(groups)) in float32: for each image token, the summed
-    probability mass it puts on each word's tokens. The softmax runs over all T keys, exactly as
-    in the model's own attention."""
+    each word (sub-tokens, every occurrence); ``selection``: :func:`token_columns` (or the
+    :func:`token_selection` matrix) of them, if already built. Returns (B, N, len(groups)) in
+    float32: for each image token, the summed probability mass it puts on each word's tokens.
+    The softmax runs over all T keys, exactly as in the model's own attention."""
     b, n, inner = q.shape
+    t = k.shape[1]
     d = inner // heads
-    qh = q.reshape(b, n, heads, d).transpose(1, 2).float()
-    kh = k.reshape(b, k.shape[1], heads, d).transpose(1, 2).float()
-    probs = torch.softmax(qh @ kh.transpose(-1, -2) * (d ** -0.5), dim=-1)   # (B, h, N, T)
+    qh = (q.to(torch.float32) * d ** -0.5).reshape(b, n, heads, d).transpose(1, 2)
+    kh = k.to(torch.float32).reshape(b, t, heads, d).transpose(1, 2)
+    probs = torch.softmax(torch.matmul(qh, kh.transpose(-1, -2)), dim=-1)    # (B, h, N, T)
+    summed = probs.sum(dim=1)                                                # (B, N, T)
     if selection is None:
-        selection = token_selection(groups, k.shape[1])
-    return probs.sum(dim=1) @ selection.to(probs.device)
+        selection = token_columns(groups, t)
+    if isinstance(selection, torch.Tensor):
+        return summed @ selection.to(summed.device)
+    cols, combine = selection
+    if cols.device != summed.device:
+        cols = cols.to(summed.device)
+        combine = None if combine is None else combine.to(summed.device)
+    picked = summed.index_select(-1, cols)
+    return picked if combine is None else picked @ combine
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,6 +196,16 @@ class RunningMaps:
             idx = torch.as_tensor(list(rows), dtype=torch.long)
             self.sum.index_add_(0, idx, maps)
             self.count.index_add_(0, idx, torch.ones(len(idx)))
+
+    def add_tokens(self, maps: torch.Tensor) -> None:
+        """Add (B, H*W, C) token maps for every row (row-major tokens): the per-call fast path,
+        without a reshaped copy."""
+        maps = maps.detach()
+        if maps.device != self.sum.device or maps.dtype != torch.float32:
+            maps = maps.to(device=self.sum.device, dtype=torch.float32)
+        b, c = self.sum.shape[:2]
+        self.sum.view(b, c, -1).add_(maps.transpose(1, 2))
+        self.count += 1
 
     def mean(self) -> torch.Tensor:
         return self.sum / self.count.clamp(min=1).view(-1, 1, 1, 1)

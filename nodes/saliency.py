@@ -140,7 +140,10 @@ class SaliencyRecording:
     _last_sigma: float = float("-inf")
     _latent_hw: tuple = ()
     _cond_rows: list = field(default_factory=list)
+    _rows: object = None                                # rows() of the current call
     _chunk: int = 0
+    _grids: dict = field(default_factory=dict)          # (tokens, latent hw) -> layer grid (h, w)
+    _cache: dict = field(default_factory=dict)          # per-run constants (DiT concept inputs)
     _active: bool = False
     _concepts: Optional[torch.Tensor] = None
     _concept_vec: Optional[torch.Tensor] = None
@@ -162,25 +165,34 @@ class SaliencyRecording:
         self._cond_rows = [i for i, flag in enumerate(cond_or_uncond) if flag == 0]
         self._latent_hw = tuple(x.shape[-2:])
         self._active = bool(self._cond_rows) and self.sigma_lo <= s <= self.sigma_hi
+        self._rows = self._row_index() if self._active else None
         self._concepts = None
         self._concept_vec = None
         self._y = c.get("y") if isinstance(c, dict) else None
 
     def end_call(self) -> None:
         self._active = False
+        self._rows = None
         self._concepts = None
         self._concept_vec = None
         self._y = None
 
     def _reset(self) -> None:
         self.maps = {}
+        self._cache = {}
         self.steps = 0
         self.skipped_calls = 0
         self.run_id = uuid.uuid4().hex[:12]
 
     def rows(self):
         """Batch rows of the current call that belong to the positive prompt: a slice when they
-        are contiguous (the usual single positive chunk; indexing is then a view), else a list."""
+        are contiguous (the usual single positive chunk; indexing is then a view), else a list.
+        Worked out once per model call."""
+        if self._rows is None:
+            self._rows = self._row_index()
+        return self._rows
+
+    def _row_index(self):
         b = self._chunk
         cr = self._cond_rows
         if cr == list(range(cr[0], cr[0] + len(cr))):
@@ -193,11 +205,20 @@ class SaliencyRecording:
         Sums are kept per layer resolution on the layer's own grid; :meth:`result` upsamples
         each once (bilinear upsampling is linear, so this equals upsampling every call)."""
         b = self._chunk
-        h, w = K.grid_shape(token_maps.shape[1], *self._latent_hw)
-        per_res = self.maps.setdefault(name, {})
-        acc = per_res.get((h, w))
+        key = (token_maps.shape[1], self._latent_hw)
+        hw = self._grids.get(key)
+        if hw is None:
+            hw = self._grids[key] = K.grid_shape(token_maps.shape[1], *self._latent_hw)
+        per_res = self.maps.get(name)
+        if per_res is None:
+            per_res = self.maps[name] = {}
+        acc = per_res.get(hw)
         if acc is None:
-            acc = per_res[(h, w)] = K.RunningMaps(b, len(self.words), h, w)
+            acc = per_res[hw] = K.RunningMaps(b, len(self.words), *hw)
+        if token_maps.shape[0] == b and acc.shape[0] == b:     # the usual single positive chunk
+            acc.add_tokens(token_maps)
+            return
+        h, w = hw
         for part in token_maps.split(b):
             if part.shape[0] != b or acc.shape[0] != b:
                 self.skipped_calls += 1                      # e.g. ComfyUI split the batch
@@ -241,16 +262,27 @@ def unet_cross_attention_layers(diffusion_model) -> list:
     return keys
 
 
+_ATTENTION_KEYWORDS: dict = {}
+
+
 def _attention_call():
-    """ComfyUI's attention function, and which optional keywords this version's accepts."""
+    """ComfyUI's attention function, and which optional keywords this version's accepts
+    (inspected once per function: a signature lookup costs more than a small attention)."""
     fn = comfy_attention.optimized_attention
-    try:
-        params = inspect.signature(inspect.unwrap(fn)).parameters
-    except (TypeError, ValueError):
-        return fn, set()
-    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        return fn, {"attn_precision", "transformer_options"}
-    return fn, {n for n in ("attn_precision", "transformer_options") if n in params}
+    accepted = _ATTENTION_KEYWORDS.get(fn)
+    if accepted is None:
+        try:
+            params = inspect.signature(inspect.unwrap(fn)).parameters
+        except (TypeError, ValueError):
+            accepted = frozenset()
+        else:
+            if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+                accepted = frozenset(("attn_precision", "transformer_options"))
+            else:
+                accepted = frozenset(n for n in ("attn_precision", "transformer_options")
+                                     if n in params)
+        _ATTENTION_KEYWORDS[fn] = accepted
+    return fn, accepted
 
 
 class _DaamPatch:
@@ -266,15 +298,21 @@ class _DaamPatch:
             out = self.previous(q, k, v, extra_options)
         else:
             fn, accepted = _attention_call()
-            kw = {"attn_precision": extra_options.get("attn_precision"),
-                  "transformer_options": extra_options}
-            out = fn(q, k, v, heads, **{n: kw[n] for n in accepted})
+            kw = {}
+            if "attn_precision" in accepted:
+                kw["attn_precision"] = extra_options.get("attn_precision")
+            if "transformer_options" in accepted:
+                kw["transformer_options"] = extra_options
+            out = fn(q, k, v, heads, **kw)
         rec = self.rec
         if rec._active:
-            rows = rec.rows()
-            sel = self._selection.get(k.shape[1])
+            rows = rec._rows
+            key = (k.shape[1], q.device)
+            sel = self._selection.get(key)
             if sel is None:
-                sel = self._selection[k.shape[1]] = K.token_selection(rec.groups, k.shape[1])
+                cols, combine = K.token_columns(rec.groups, k.shape[1])
+                sel = self._selection[key] = (cols.to(q.device), None if combine is None
+                                              else combine.to(q.device))
             rec.add("daam", K.daam_token_maps(q[rows], k[rows], heads, rec.groups, sel))
         return out
 
@@ -289,24 +327,50 @@ class _ConceptAttentionBlock:
                  previous=None):
         self.rec, self.dm, self.index, self.record, self.previous = (
             rec, diffusion_model, index, record, previous)
+        block = diffusion_model.joint_blocks[index]
+        # Run the block the way ComfyUI runs a block that has no replace patch (its
+        # "original_block" for patched blocks goes through torch.utils.checkpoint, which costs
+        # more than this whole capture on small models and computes the same numbers).
+        self._direct = (previous is None and hasattr(block, "context_block")
+                        and hasattr(block, "x_block") and hasattr(diffusion_model, "use_checkpoint"))
+
+    def _run(self, args, extra):
+        if self.previous is not None:
+            return self.previous(args, extra)
+        if not self._direct:
+            return extra["original_block"](args)
+        txt, img = self.dm.joint_blocks[self.index](
+            args["txt"], args["img"], c=args["vec"], use_checkpoint=self.dm.use_checkpoint,
+            transformer_options=args["transformer_options"])
+        return {"txt": txt, "img": img}
 
     def _initial_concepts(self, like: torch.Tensor, vec: torch.Tensor):
+        """The concept tokens entering the first block, and the modulation vector they use.
+        Both inputs that do not change within a run are computed once per run."""
         rec = self.rec
-        emb = rec.concept_embeds.to(device=like.device, dtype=like.dtype)
-        emb = self.dm.context_embedder(emb.unsqueeze(0)).expand(like.shape[0], -1, -1)
+        cache = rec._cache
+        key = ("concepts", like.dtype, like.device)
+        emb = cache.get(key)
+        if emb is None:
+            raw = rec.concept_embeds.to(device=like.device, dtype=like.dtype)
+            emb = cache[key] = self.dm.context_embedder(raw.unsqueeze(0))
+        emb = emb.expand(like.shape[0], -1, -1)
         concept_vec = vec
         y_emb = getattr(self.dm, "y_embedder", None)
         if rec.pooled_zero and rec._y is not None and y_emb is not None:
+            # vec = t_emb + y_emb(y): swap y_emb(y) for y_emb(0). The difference depends only on
+            # the pooled text, which is the same call after call: reuse it while it is.
             y = rec._y[rec.rows()].to(device=vec.device, dtype=vec.dtype)
-            concept_vec = vec - y_emb(y) + y_emb(torch.zeros_like(y))
+            last = cache.get("pooled")
+            if last is None or last[0].shape != y.shape or not torch.equal(last[0], y):
+                last = cache["pooled"] = (y, y_emb(y) - y_emb(torch.zeros_like(y)))
+            concept_vec = vec - last[1]
         return emb, concept_vec
 
     def __call__(self, args, extra):
         rec = self.rec
-        run = extra["original_block"] if self.previous is None else (
-            lambda a: self.previous(a, extra))
         if not rec._active:
-            return run(args)
+            return self._run(args, extra)
         options = args.get("transformer_options", {}) or {}
         earlier = options.get("optimized_attention_override")
         stash = {}
@@ -317,12 +381,12 @@ class _ConceptAttentionBlock:
                 stash["q"], stash["k"], stash["v"], stash["o"] = a[0], a[1], a[2], out
             return out
 
-        result = run(dict(args, transformer_options=dict(options,
-                                                         optimized_attention_override=override)))
+        result = self._run(dict(args, transformer_options=dict(
+            options, optimized_attention_override=override)), extra)
         if not stash:                         # no attention call seen (unknown block type)
             rec.skipped_calls += 1
             return result
-        rows = rec.rows()
+        rows = rec._rows
         txt, vec = args["txt"], args["vec"][rows]
         if rec._concepts is None:
             rec._concepts, rec._concept_vec = self._initial_concepts(txt[rows], vec)
@@ -330,12 +394,13 @@ class _ConceptAttentionBlock:
         cb = block.context_block
         heads = block.x_block.attn.num_heads
         n_txt = txt.shape[1]
-        q, k, v, o = (stash[n][rows] for n in ("q", "k", "v", "o"))
         (q_c, k_c, v_c), inter = cb.pre_attention(rec._concepts, rec._concept_vec)
-        o_c = K.concept_attention(q_c, k_c, v_c, k[:, n_txt:], v[:, n_txt:], heads)
+        o_c = K.concept_attention(q_c, k_c, v_c, stash["k"][rows, n_txt:],
+                                  stash["v"][rows, n_txt:], heads)
         if self.record:
-            rec.add("conceptattention", K.concept_saliency(o[:, n_txt:], o_c))
-            rec.add("crossattention", K.cross_attention_saliency(q[:, n_txt:], k_c, heads))
+            rec.add("conceptattention", K.concept_saliency(stash["o"][rows, n_txt:], o_c))
+            rec.add("crossattention", K.cross_attention_saliency(stash["q"][rows, n_txt:], k_c,
+                                                                  heads))
         if not cb.pre_only:
             rec._concepts = cb.post_attention(o_c, *inter)
         return result
