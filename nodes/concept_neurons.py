@@ -1,4 +1,768 @@
-"""Concept neurons (Cones): extract, save, load, apply, combine, info. Work in progress."""
+"""Concept neurons (Cones): extract a subject as a small set of shut K/V weights, save, load,
+apply (with a strength), combine several, and describe them.
 
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+Graph shapes::
+
+    MODEL, CLIP, VAE, IMAGE (3-10 photos of the subject), "a three"
+        -> ConceptLab Concept Neurons Extract -> CONCEPT_NEURONS -> ConceptLab Concept Neurons Save
+    ConceptLab Concept Neurons Load -> CONCEPT_NEURONS --\\
+    MODEL ------------------------------------------------ ConceptLab Concept Neurons Apply -> MODEL -> KSampler
+    several CONCEPT_NEURONS -> ConceptLab Concept Neurons Combine -> CONCEPT_NEURONS (+ overlap STRING)
+
+Extraction never changes the incoming MODEL: gradients run through ``_runtime.gradients_through``
+(zero-copy aliases, the K/V weights lifted to fp32) and the masks are applied to those aliases by
+temporarily substituting ``theta * multiplier`` tensors, restored in a ``finally``. Apply returns a
+clone with ModelPatcher weight patches (``-W * mask``, scaled by the strength).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+
+from ..kernels import concept_neurons as K
+from ..kernels.fingerprint import combined_digest, tensor_digest
+from ..kernels.layers import concept_kv_layers
+from ._runtime import (
+    DIT_FAMILIES, UNET_FAMILIES, Progress, clone_model, diffusion_key, fail, family_label,
+    gradients_through, load_for_compute, model_family, require_family)
+
+log = logging.getLogger("ConceptLab")
+
+PACK_VERSION = "0.1.0"
+FORMAT = "conceptlab.concept_neurons"
+FORMAT_VERSION = 1
+FOLDER = "concept_neurons"
+DEMO_FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo", "concept_neurons")
+SUPPORTED = ("sd1", "sd2", "sdxl", "sd3")
+
+EXTRACT = "ConceptLab Concept Neurons Extract"
+SAVE = "ConceptLab Concept Neurons Save"
+LOAD = "ConceptLab Concept Neurons Load"
+APPLY = "ConceptLab Concept Neurons Apply"
+COMBINE = "ConceptLab Concept Neurons Combine"
+INFO = "ConceptLab Concept Neurons Info"
+
+MAX_FILE_BYTES = 256 * 1024 * 1024
+MAX_LAYERS = 4096
+MAX_LAYER_NUMEL = 1 << 31
+
+
+# --------------------------------------------------------------------------------------------
+# models/concept_neurons (registered once, at import, in both ComfyUI versions)
+# --------------------------------------------------------------------------------------------
+def register_folder() -> None:
+    fnp = folder_paths.folder_names_and_paths
+    if FOLDER not in fnp:
+        fnp[FOLDER] = ([os.path.join(folder_paths.models_dir, FOLDER)], {".safetensors"})
+    paths = fnp[FOLDER][0]
+    if DEMO_FOLDER not in paths:
+        paths.append(DEMO_FOLDER)
+
+
+register_folder()
+
+
+def save_dir() -> str:
+    return folder_paths.get_folder_paths(FOLDER)[0]
+
+
+def concept_files() -> list:
+    try:
+        return sorted(folder_paths.get_filename_list(FOLDER))
+    except Exception:  # noqa: BLE001  (an unreadable folder must not break the node list)
+        return []
+
+
+# --------------------------------------------------------------------------------------------
+# the CONCEPT_NEURONS object
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ConceptNeurons:
+    """A set of shut K/V weights, with what is needed to refuse the wrong model."""
+
+    indices: dict                     # {param name (diffusion model): sorted int64 flat indices}
+    layers: dict                      # {param name: {"shape": [..], "kind": "k"|"v"|"qkv"}}
+    fingerprint: str                  # combined digest of the base K/V weights (as fp16)
+    family: str
+    class_word: str = ""
+    names: list = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def count(self) -> int:
+        return sum(int(v.numel()) for v in self.indices.values())
+
+    @property
+    def candidates(self) -> int:
+        return sum(K.candidate_count(tuple(l["shape"]), l["kind"]) for l in self.layers.values())
+
+    @property
+    def shut_fraction(self) -> float:
+        return self.count / max(self.candidates, 1)
+
+    def encoded(self) -> dict:
+        return {n: K.encode_indices(self.indices[n]) for n in sorted(self.indices)}
+
+
+def effective_weights(model, layer_names) -> dict:
+    """The K/V weights this MODEL computes with (its own patches applied, another clone's not).
+
+    ComfyUI shares one module between a MODEL and its clones and patches it in place when a
+    clone is loaded, so the module's tensors are read only after loading this MODEL."""
+    load_for_compute(model)
+    base = model.model
+    return {n: comfy.utils.get_attr(base, diffusion_key(n)).detach() for n in layer_names}
+
+
+def kv_fingerprint(model, layer_names) -> str:
+    """Digest of the K/V weights a MODEL computes with, cast to fp16 (fp32 and fp16 copies of one
+    checkpoint agree)."""
+    digests = {}
+    for n, w in effective_weights(model, layer_names).items():
+        digests[n] = tensor_digest(w.detach().to("cpu", torch.float16))
+    return combined_digest(digests)
+
+
+def model_layers(model, include_self_attention: bool = False) -> dict:
+    dm = model.model.diffusion_model
+    shapes = {n: tuple(p.shape) for n, p in dm.named_parameters()}
+    return {l.name: {"shape": list(shapes[l.name]), "kind": l.kind}
+            for l in concept_kv_layers(shapes, include_self_attention)}
+
+
+# --------------------------------------------------------------------------------------------
+# file format
+# --------------------------------------------------------------------------------------------
+def _tensor_key(i: int) -> str:
+    return f"layer.{i:04d}"
+
+
+def write_file(concept: ConceptNeurons, path: str) -> int:
+    """Write ``concept`` to ``path`` (a new file; refuses to overwrite). Returns bytes written."""
+    import safetensors.torch
+    blobs = concept.encoded()
+    names = list(blobs)
+    tensors = {_tensor_key(i): blobs[n] for i, n in enumerate(names)}
+    layers = [{"name": n, "shape": concept.layers[n]["shape"], "kind": concept.layers[n]["kind"],
+               "count": int(concept.indices[n].numel())} for n in names]
+    meta = {
+        "format": FORMAT, "format_version": str(FORMAT_VERSION), "pack_version": PACK_VERSION,
+        "codec": K.CODEC, "family": concept.family, "fingerprint": concept.fingerprint,
+        "class_word": concept.class_word, "names": json.dumps(concept.names),
+        "layers": json.dumps(layers), "settings": json.dumps(concept.settings, default=str),
+        "stats": json.dumps(concept.stats, default=str),
+    }
+    if os.path.exists(path):
+        raise FileExistsError(path)
+    tmp = path + ".partial"
+    safetensors.torch.save_file(tensors, tmp, metadata=meta)
+    try:
+        os.link(tmp, path)  # atomic, never overwrites
+    finally:
+        os.unlink(tmp)
+    return os.path.getsize(path)
+
+
+def read_file(path: str, node: str = LOAD) -> ConceptNeurons:
+    """Read and validate a concept file; every problem is a clear ConceptLabError."""
+    name = os.path.basename(path)
+    fix_corrupt = "Re-extract the concept or restore the file from a backup; do not edit concept files by hand."
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        raise fail(node, f"Concept file '{name}' does not exist.", "Pick a file from the list (models/concept_neurons).")
+    if size > MAX_FILE_BYTES:
+        raise fail(node, f"'{name}' is {size} bytes, far larger than any concept file.", fix_corrupt)
+    import safetensors
+    try:
+        with safetensors.safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+            keys = list(f.keys())
+            if len(keys) > MAX_LAYERS:
+                raise fail(node, f"'{name}' declares {len(keys)} layers.", fix_corrupt)
+            tensors = {k: f.get_tensor(k) for k in keys}
+    except Exception as e:  # noqa: BLE001
+        if type(e).__name__ == "ConceptLabError":
+            raise
+        raise fail(node, f"'{name}' is not a readable safetensors file (truncated or corrupt: {e}).", fix_corrupt)
+    if meta.get("format") != FORMAT:
+        raise fail(node, f"'{name}' is not a Concept Lab concept-neurons file.",
+                   "Load it with the node that made it; this node reads files saved by ConceptLab Concept Neurons Save.")
+    if meta.get("format_version") != str(FORMAT_VERSION) or meta.get("codec") != K.CODEC:
+        raise fail(node, f"'{name}' uses format {meta.get('format_version')} / codec {meta.get('codec')}, "
+                   f"this pack reads format {FORMAT_VERSION} / {K.CODEC}.", "Update Concept Lab, or re-extract the concept.")
+    try:
+        layers = json.loads(meta["layers"])
+        settings = json.loads(meta.get("settings", "{}"))
+        stats = json.loads(meta.get("stats", "{}"))
+        names = json.loads(meta.get("names", "[]"))
+        fingerprint, family = str(meta["fingerprint"]), str(meta["family"])
+        assert isinstance(layers, list) and len(layers) == len(tensors)
+    except Exception:  # noqa: BLE001
+        raise fail(node, f"'{name}' has damaged metadata.", fix_corrupt) from None
+    indices, shapes = {}, {}
+    for i, l in enumerate(layers):
+        try:
+            lname, shape, kind, count = str(l["name"]), [int(d) for d in l["shape"]], str(l["kind"]), int(l["count"])
+        except Exception:  # noqa: BLE001
+            raise fail(node, f"'{name}' has a damaged layer entry ({i}).", fix_corrupt) from None
+        numel = math.prod(shape) if shape else 0
+        if not shape or any(d <= 0 for d in shape) or numel > MAX_LAYER_NUMEL or kind not in ("k", "v", "qkv"):
+            raise fail(node, f"'{name}' declares an impossible layer {lname} {shape}.", fix_corrupt)
+        blob = tensors.get(_tensor_key(i))
+        if blob is None:
+            raise fail(node, f"'{name}' lacks the indices of layer {lname}.", fix_corrupt)
+        try:
+            idx = K.decode_indices(blob, count, numel)
+        except K.CorruptIndices as e:
+            raise fail(node, f"'{name}' is corrupt in layer {lname}: {e}.", fix_corrupt) from None
+        cand = K.candidate_mask(tuple(shape), kind)
+        if cand is not None and idx.numel() and not bool(cand.reshape(-1)[idx].all()):
+            raise fail(node, f"'{name}' shuts weights of layer {lname} that are not K/V weights.", fix_corrupt)
+        indices[lname] = idx
+        shapes[lname] = {"shape": shape, "kind": kind}
+    return ConceptNeurons(indices=indices, layers=shapes, fingerprint=fingerprint, family=family,
+                          class_word=str(meta.get("class_word", "")), names=list(names),
+                          settings=settings, stats=stats)
+
+
+def safe_path(filename: str, node: str = LOAD) -> str:
+    """Resolve a file name inside the concept folders; anything outside them is refused."""
+    fix = "Pick a file from the list; concept files live in models/concept_neurons."
+    if not filename or "\x00" in filename or os.path.isabs(filename) or ".." in re.split(r"[\\/]", filename):
+        raise fail(node, f"'{filename}' is not a file name inside the concept folder.", fix)
+    for base in folder_paths.get_folder_paths(FOLDER):
+        base_r = os.path.realpath(base)
+        full = os.path.realpath(os.path.join(base_r, filename))
+        if os.path.commonpath([full, base_r]) != base_r:
+            raise fail(node, f"'{filename}' points outside the concept folder.", fix)
+        if os.path.isfile(full):
+            return full
+    raise fail(node, f"Concept file '{filename}' was not found.", fix)
+
+
+def next_save_path(prefix: str, node: str = SAVE) -> str:
+    """``<folder>/<prefix>_00001_.safetensors`` with the first free counter (like SaveImage)."""
+    prefix = (prefix or "concept").strip()
+    if os.path.isabs(prefix) or ".." in re.split(r"[\\/]", prefix) or not re.fullmatch(r"[\w\-. /]+", prefix):
+        raise fail(node, f"The file name prefix '{prefix}' is not allowed.",
+                   "Use letters, digits, '-', '_' and optional sub-folders, no '..' or absolute paths.")
+    root = os.path.realpath(save_dir())
+    full_prefix = os.path.realpath(os.path.join(root, prefix))
+    if os.path.commonpath([full_prefix, root]) != root:
+        raise fail(node, f"'{prefix}' points outside the concept folder.", "Use a relative name.")
+    os.makedirs(os.path.dirname(full_prefix), exist_ok=True)
+    counter = 1
+    while True:
+        path = f"{full_prefix}_{counter:05d}_.safetensors"
+        if not os.path.exists(path):
+            return path
+        counter += 1
+
+
+# --------------------------------------------------------------------------------------------
+# checks against a MODEL
+# --------------------------------------------------------------------------------------------
+def check_compatible(concept: ConceptNeurons, model, node: str = APPLY) -> None:
+    fam = require_family(node, model, SUPPORTED, "Concept neurons")
+    if concept.family != fam:
+        raise fail(node, f"This concept was made for a {family_label(concept.family)} model, "
+                   f"the connected MODEL is {family_label(fam)}.",
+                   "Connect the model the concept was extracted from (or re-extract it on this model).")
+    have = model_layers(model, include_self_attention=True)
+    for n, l in concept.layers.items():
+        if n not in have or list(have[n]["shape"]) != list(l["shape"]):
+            raise fail(node, f"The concept's layer {n} {l['shape']} does not exist with that shape in the "
+                       "connected MODEL: it was made for another model.",
+                       "Connect the model the concept was extracted from (or re-extract it on this model).")
+    if kv_fingerprint(model, sorted(concept.layers)) != concept.fingerprint:
+        raise fail(node, "The concept was made for a different set of base weights (K/V fingerprint mismatch): "
+                   "it would shut the wrong neurons on this model.",
+                   "Connect the exact checkpoint the concept was extracted from (or re-extract it on this model).")
+
+
+def apply_concept(model, concept: ConceptNeurons, strength: float = 1.0, node: str = APPLY):
+    """A clone of ``model`` whose shut weights are scaled by ``1 - strength`` (0 at strength 1)."""
+    check_compatible(concept, model, node)
+    out = clone_model(model)
+    if strength == 0 or concept.count == 0:
+        return out
+    patches = {}
+    weights = effective_weights(model, [n for n, idx in concept.indices.items() if idx.numel()])
+    for n, w in weights.items():
+        patches[diffusion_key(n)] = (K.shut_diff(w.to("cpu"), concept.indices[n], 1.0),)
+    out.add_patches(patches, float(strength))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# extraction
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ExtractSettings:
+    procedure: str = "iterative"
+    budget_fraction: float = 0.004
+    target_loss_ratio: float = 0.0          # 0: off; else stop at this x starting loss
+    iterations: int = 40                    # gradient evaluations (rounds for iterative)
+    prior_weight: float = 1.0
+    prior_images: int = 8
+    noise_draws: int = 4                    # noise/sigma draws per image per gradient
+    rate: float = 0.1                       # accumulated procedure: multiplier step
+    include_self_attention: bool = False
+    prior_steps: int = 20
+    prior_cfg: float = 3.0
+    seed: int = 0
+    fixed_noise: bool = True                # same noise/sigma draws for every gradient
+    sigma_range: tuple = (0.0, 1.0)         # fraction of the schedule used (uniform timesteps)
+
+
+def encode_text(clip, text: str):
+    tokens = clip.tokenize(text)
+    cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+    return cond, pooled
+
+
+def _model_kwargs(base, cond, pooled, batch: int, hw: tuple) -> dict:
+    """Keyword arguments for ``base.apply_model`` (cross-attention context and, where the model
+    takes one, the pooled/ADM vector), built with ComfyUI's own extra_conds."""
+    kw = {"c_crossattn": cond.expand(batch, -1, -1)}
+    if getattr(base, "adm_channels", 0) or type(base).__name__ in ("SD3", "SDXL", "SDXLRefiner", "Flux"):
+        extra = base.extra_conds(pooled_output=pooled, cross_attn=cond, width=hw[1] * 8, height=hw[0] * 8,
+                                 device=cond.device, noise=torch.zeros(1, 4, *hw))
+        y = extra.get("y")
+        if y is not None:
+            y = getattr(y, "cond", y)
+            kw["y"] = y.expand(batch, *y.shape[1:]) if y.shape[0] == 1 else y
+    return kw
+
+
+def sample_prior(model, clip, prompt: str, n: int, hw: tuple, steps: int, cfg: float, seed: int):
+    """n latents generated by the model itself from the class prompt (stock KSampler, no grad)."""
+    import nodes as comfy_nodes
+    pos = [[*encode_text(clip, prompt)[:1], {"pooled_output": encode_text(clip, prompt)[1]}]]
+    neg_c, neg_p = encode_text(clip, "")
+    neg = [[neg_c, {"pooled_output": neg_p}]]
+    lat = {"samples": torch.zeros(n, 4, hw[0], hw[1])}
+    (out,) = comfy_nodes.KSampler().sample(model, seed, steps, cfg, "euler", "normal", pos, neg, lat)
+    return out["samples"]
+
+
+@contextlib.contextmanager
+def substituted(module: torch.nn.Module, values: dict):
+    """Temporarily make ``module.<name>`` the given tensors (restored in ``finally``)."""
+    saved = []
+    try:
+        for n, t in values.items():
+            owner_name, _, local = n.rpartition(".")
+            owner = module.get_submodule(owner_name) if owner_name else module
+            saved.append((owner, local, owner._parameters[local]))
+            owner._parameters[local] = t
+        yield
+    finally:
+        for owner, local, orig in reversed(saved):
+            owner._parameters[local] = orig
+
+
+class ConceptLoss:
+    """The concept-implanting loss on a ComfyUI MODEL and its gradient w.r.t. weight multipliers.
+
+    ``L = mean_subject(w(s) |x0_hat - x0|^2) + lambda * mean_prior(w(s) |x0_hat - x0|^2)`` with
+    the model's own forward process (``model_sampling.noise_scaling``) at uniformly drawn schedule
+    points and ``w(s) = min(1/s^2, 5) + 1`` (the min-SNR-capped v-loss in x0 terms; the same
+    weighting for EPS, V and FLOW models so that the objective is comparable across them).
+    """
+
+    def __init__(self, model, subject, prior, cond, pooled, settings: ExtractSettings, layers: dict):
+        self.model, self.base = model, model.model
+        self.settings = settings
+        self.names = sorted(layers)
+        with torch.inference_mode(False):  # normal tensors (ComfyUI hands inference tensors)
+            self.x0 = torch.cat([subject, prior]).float().clone()
+            self.cond = cond.clone()
+            self.pooled = pooled.clone() if pooled is not None else None
+            sig = self.base.model_sampling.sigmas.float().cpu().clone()
+        self.n_subject, self.n_prior = subject.shape[0], prior.shape[0]
+        self.gen = torch.Generator().manual_seed(settings.seed + 1)
+        lo, hi = settings.sigma_range
+        a, b = int(lo * (len(sig) - 1)), max(int(hi * (len(sig) - 1)), int(lo * (len(sig) - 1)) + 1)
+        self.sigmas = sig[a:b + 1]
+        self.evaluations = 0
+
+    def batch(self):
+        if self.settings.fixed_noise:  # the same draws every evaluation: comparable losses
+            self.gen = torch.Generator().manual_seed(self.settings.seed + 1)
+        r = self.settings.noise_draws
+        x0 = self.x0.repeat(r, 1, 1, 1)
+        sigma = self.sigmas[torch.randint(0, len(self.sigmas), (x0.shape[0],), generator=self.gen)]
+        noise = torch.randn(x0.shape, generator=self.gen)
+        return x0, sigma, noise
+
+    def loss_on(self, x0, sigma, noise):
+        ms = self.base.model_sampling
+        dev = comfy.model_management.get_torch_device()
+        x0, sigma, noise = x0.to(dev), sigma.to(dev), noise.to(dev)
+        x = ms.noise_scaling(sigma.view(-1, 1, 1, 1), noise, x0)
+        kw = _model_kwargs(self.base, self.cond.to(dev), self.pooled.to(dev) if self.pooled is not None else None,
+                           x.shape[0], tuple(x.shape[2:]))
+        den = self.base.apply_model(x, sigma, **kw)
+        w = torch.clamp(1.0 / sigma.float() ** 2, max=5.0) + 1.0
+        per = (den.float() - x0.float()).pow(2).mean(dim=(1, 2, 3)) * w
+        n = self.n_subject + self.n_prior
+        per = per.view(-1, n)
+        return per[:, :self.n_subject].mean() + self.settings.prior_weight * per[:, self.n_subject:].mean()
+
+    def __call__(self, multipliers: dict):
+        """(loss, {name: dL/dm}) for weights ``theta * m``. ``dL/dm_i = theta_i * dL/dtheta'_i``,
+        which is the Taylor score of weight i at the current point (times its multiplier)."""
+        with gradients_through(self.model, trainable=self.names) as view:
+            x0, sigma, noise = self.batch()  # made here: outside inference mode
+            ms = {n: m.detach().clone().requires_grad_(True) for n, m in multipliers.items()}
+            values = {n: view.trainable[n] * ms[n].to(view.trainable[n].device, view.trainable[n].dtype)
+                      for n in self.names}
+            with substituted(self.base.diffusion_model, values):
+                loss = self.loss_on(x0, sigma, noise)
+                loss.backward()
+            grads = {n: ms[n].grad.detach().float().cpu() for n in self.names}
+        self.evaluations += 1
+        return float(loss.detach()), grads
+
+
+def images_to_latents(vae, images: torch.Tensor, base) -> torch.Tensor:
+    lat = vae.encode(images[:, :, :, :3])
+    return base.process_latent_in(lat.float())
+
+
+def run_search(loss: ConceptLoss, layers: dict, settings: ExtractSettings, step=None) -> K.SearchResult:
+    """Run the chosen procedure with scores as multiplier gradients (see :class:`ConceptLoss`)."""
+    names = sorted(layers)
+    ones = {n: torch.ones(layers[n]["shape"]) for n in names}
+    cands = {n: K.candidate_mask(tuple(layers[n]["shape"]), layers[n]["kind"]) for n in names}
+    total = sum(K.candidate_count(tuple(layers[n]["shape"]), layers[n]["kind"]) for n in names)
+    count = K.budget_count(total, settings.budget_fraction)
+    target = settings.target_loss_ratio or None
+
+    # The kernels work on "weights" theta0 * mask; here theta0 is all ones, so the weights they
+    # hand over are the multipliers themselves and their Taylor scores m * dL/dm are exactly the
+    # Taylor scores theta * dL/dtheta of the real weights (see ConceptLoss.__call__).
+    if settings.procedure == "iterative":
+        res = K.iterative_shutting(ones, loss, count, settings.iterations, cands, target, step)
+    elif settings.procedure == "accumulated":
+        res = K.accumulated_scaledown(ones, loss, count, settings.iterations, settings.rate, cands, target, step)
+    else:
+        raise ValueError(settings.procedure)
+    return res
+
+
+def extract(model, clip, vae, images: torch.Tensor, class_prompt: str, settings: ExtractSettings,
+            node_id=None, node: str = EXTRACT, prior_latents: Optional[torch.Tensor] = None) -> ConceptNeurons:
+    fam = require_family(node, model, SUPPORTED, "Concept-neuron extraction")
+    if images is None or images.ndim != 4 or images.shape[0] < 1:
+        raise fail(node, "No reference images.", "Connect an IMAGE batch of 3 to 10 photos of the subject.")
+    if images.shape[0] > 64:
+        raise fail(node, f"{images.shape[0]} reference images is far more than needed.",
+                   "Use 3 to 10 images of the subject (batch them with Image Batch).")
+    if not class_prompt.strip():
+        raise fail(node, "The class prompt is empty.", "Type the subject's class, e.g. 'a dog' or 'a three'.")
+    if settings.procedure not in K.PROCEDURES:
+        raise fail(node, f"Unknown procedure {settings.procedure!r}.", f"Use one of {', '.join(K.PROCEDURES)}.")
+    t0 = time.perf_counter()
+    layers = model_layers(model, settings.include_self_attention)
+    if not layers:
+        raise fail(node, "This MODEL has no cross-attention K/V weights to search.",
+                   "Use an SD1.x, SD2.x, SDXL or SD3 model.")
+    progress = Progress(settings.iterations + 2, node_id)
+    base = model.model
+    with torch.inference_mode():
+        cond, pooled = encode_text(clip, class_prompt)
+        subject = images_to_latents(vae, images, base)
+    progress.step()
+    if prior_latents is None and settings.prior_images > 0:
+        with torch.inference_mode():
+            prior_raw = sample_prior(model, clip, class_prompt, settings.prior_images, tuple(subject.shape[2:]),
+                                     settings.prior_steps, settings.prior_cfg, settings.seed)
+        prior_latents = base.process_latent_in(prior_raw.float())
+    elif prior_latents is None:
+        prior_latents = subject[:0]
+    progress.step()
+    load_for_compute(model)
+    loss = ConceptLoss(model, subject, prior_latents, cond, pooled, settings, layers)
+    res = run_search(loss, layers, settings, step=progress.step)
+    fp = kv_fingerprint(model, sorted(layers))
+    cn = ConceptNeurons(indices={n: res.indices[n] for n in sorted(layers)}, layers=layers, fingerprint=fp,
+                        family=fam, class_word=class_prompt.strip(), names=[class_prompt.strip()],
+                        settings={k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(settings).items()})
+    cn.stats = {"evaluations": res.evaluations, "loss_start": res.losses[0] if res.losses else None,
+                "loss_end": res.losses[-1] if res.losses else None, "stopped_early": res.stopped_early,
+                "seconds": round(time.perf_counter() - t0, 2), "images": int(images.shape[0]),
+                "prior_images": int(prior_latents.shape[0]), "losses": [round(x, 5) for x in res.losses]}
+    return cn
+
+
+# --------------------------------------------------------------------------------------------
+# text
+# --------------------------------------------------------------------------------------------
+def info_text(concept: ConceptNeurons) -> str:
+    blobs = concept.encoded()
+    nbytes = sum(int(b.numel()) for b in blobs.values())
+    lines = [f"concept: {', '.join(concept.names) or concept.class_word}  (class '{concept.class_word}', "
+             f"{family_label(concept.family)})",
+             f"shut: {concept.count} of {concept.candidates} K/V weights ({100 * concept.shut_fraction:.3f}%), "
+             f"index bytes {nbytes} ({nbytes / max(concept.count, 1):.2f} B per weight)"]
+    for n in sorted(concept.indices):
+        c = int(concept.indices[n].numel())
+        if c:
+            lines.append(f"  {n}: {c}")
+    if concept.settings:
+        s = concept.settings
+        lines.append(f"settings: procedure {s.get('procedure')}, budget {s.get('budget_fraction')}, "
+                     f"iterations {s.get('iterations')}, prior weight {s.get('prior_weight')}")
+    return "\n".join(lines)
+
+
+def combine(concepts: list, node: str = COMBINE) -> tuple:
+    concepts = [c for c in concepts if c is not None]
+    if not concepts:
+        raise fail(node, "No concepts connected.", "Connect at least one CONCEPT_NEURONS input.")
+    first = concepts[0]
+    for c in concepts[1:]:
+        if c.fingerprint != first.fingerprint or c.family != first.family:
+            raise fail(node, "The concepts were extracted from different models.",
+                       "Combine only concepts made on the same checkpoint.")
+    labelled = [(", ".join(c.names) or c.class_word or f"concept {i + 1}", c.indices) for i, c in enumerate(concepts)]
+    report = K.overlap_report(labelled)
+    layers = {}
+    for c in concepts:
+        layers.update(c.layers)
+    merged = ConceptNeurons(indices=K.union(c.indices for c in concepts), layers=layers,
+                            fingerprint=first.fingerprint, family=first.family,
+                            class_word=" + ".join(c.class_word for c in concepts),
+                            names=[n for c in concepts for n in (c.names or [c.class_word])],
+                            settings={"combined": [c.settings for c in concepts]})
+    for n in merged.layers:
+        merged.indices.setdefault(n, torch.zeros(0, dtype=torch.int64))
+    lines = [f"union: {report['union_count']} weights"]
+    for p in report["pairs"]:
+        lines.append(f"{p['a']} & {p['b']}: {p['shared']} shared of {p['a_count']} / {p['b_count']} "
+                     f"(Jaccard {p['jaccard']:.3f})")
+    return merged, "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# nodes
+# --------------------------------------------------------------------------------------------
+_TT_CONCEPT = "Concept neurons: the shut K/V weights of one or more subjects."
+
+
+class ConceptLabConceptNeuronsExtract:
+    DESCRIPTION = ("Finds the concept neurons of a subject (Cones): the few cross-attention K/V weights "
+                   "whose shutting makes the plain class prompt draw this subject. Uses the reference "
+                   "images, the class prompt and prior images the model generates from it. The MODEL is "
+                   "not changed; connect the output to Save or Apply.")
+    CATEGORY = "ConceptLab/concept neurons"
+    FUNCTION = "extract"
+    RETURN_TYPES = ("CONCEPT_NEURONS", "STRING")
+    RETURN_NAMES = ("concept", "info")
+    OUTPUT_TOOLTIPS = (_TT_CONCEPT, "Statistics of the extraction.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model to find the subject's neurons in (SD1.x, SD2.x, SDXL, SD3)."}),
+            "clip": ("CLIP", {"tooltip": "The model's text encoder (encodes the class prompt)."}),
+            "vae": ("VAE", {"tooltip": "The model's VAE (encodes the reference images)."}),
+            "images": ("IMAGE", {"tooltip": "3 to 10 images of the subject, at the model's resolution."}),
+            "class_prompt": ("STRING", {"default": "a three", "multiline": False,
+                                        "tooltip": "The plain class of the subject, e.g. 'a dog'. After applying "
+                                                   "the concept this prompt draws the subject."}),
+            "procedure": (list(K.PROCEDURES), {"default": "iterative",
+                                               "tooltip": "iterative: shut the top-scored weights in rounds; "
+                                                          "accumulated: multiplicative scale-down, summed scores."}),
+            "budget_percent": ("FLOAT", {"default": 0.4, "min": 0.001, "max": 20.0, "step": 0.01,
+                                         "tooltip": "How many K/V weights may be shut, in percent of all candidates."}),
+            "iterations": ("INT", {"default": 40, "min": 1, "max": 5000,
+                                   "tooltip": "Gradient evaluations (rounds for the iterative procedure)."}),
+            "prior_weight": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05,
+                                       "tooltip": "lambda: weight of the prior-preservation loss."}),
+            "prior_images": ("INT", {"default": 8, "min": 0, "max": 64,
+                                     "tooltip": "How many class images the model generates for prior preservation."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "tooltip": "Seed for prior images and noise."}),
+        }, "optional": {
+            "target_loss_ratio": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                                            "tooltip": "Stop early once the loss falls to this fraction of the "
+                                                       "starting loss (0: use the whole budget)."}),
+            "include_self_attention": ("BOOLEAN", {"default": False,
+                                                   "tooltip": "Also search self-attention K/V (attn1). Off in the paper's description."}),
+            "noise_draws": ("INT", {"default": 4, "min": 1, "max": 64,
+                                    "tooltip": "Noise levels drawn per image per gradient."}),
+            "scale_down_rate": ("FLOAT", {"default": 0.1, "min": 0.001, "max": 1.0, "step": 0.001,
+                                          "tooltip": "accumulated procedure: how far the top-scored weight's "
+                                                     "multiplier moves per iteration."}),
+        }, "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    def extract(self, model, clip, vae, images, class_prompt, procedure, budget_percent, iterations,
+                prior_weight, prior_images, seed, target_loss_ratio=0.0, include_self_attention=False,
+                noise_draws=4, scale_down_rate=0.1, unique_id=None):
+        s = ExtractSettings(procedure=procedure, budget_fraction=budget_percent / 100.0,
+                            target_loss_ratio=target_loss_ratio, iterations=iterations,
+                            prior_weight=prior_weight, prior_images=prior_images, noise_draws=noise_draws,
+                            rate=scale_down_rate, include_self_attention=include_self_attention, seed=seed)
+        cn = extract(model, clip, vae, images, class_prompt, s, node_id=unique_id)
+        return (cn, info_text(cn))
+
+
+class ConceptLabConceptNeuronsSave:
+    DESCRIPTION = ("Saves concept neurons to models/concept_neurons as a small .safetensors file "
+                   "(compressed indices + what is needed to refuse the wrong model). Never overwrites: "
+                   "a counter is appended like SaveImage does.")
+    CATEGORY = "ConceptLab/concept neurons"
+    FUNCTION = "save"
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("filename",)
+    OUTPUT_TOOLTIPS = ("The saved file's name inside models/concept_neurons.",)
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "concept": ("CONCEPT_NEURONS", {"tooltip": _TT_CONCEPT}),
+            "filename_prefix": ("STRING", {"default": "concept",
+                                           "tooltip": "File name prefix inside models/concept_neurons."}),
+        }}
+
+    def save(self, concept, filename_prefix):
+        path = next_save_path(filename_prefix)
+        while True:
+            try:
+                nbytes = write_file(concept, path)
+                break
+            except FileExistsError:  # a concurrent save took the name: take the next one
+                path = next_save_path(filename_prefix)
+        back = read_file(path, SAVE)  # verify: the file holds exactly what we meant to save
+        if any(not torch.equal(back.indices[n], concept.indices[n]) for n in concept.indices):
+            raise fail(SAVE, "The saved file does not read back identically.", "Check the disk; the file was kept.")
+        rel = os.path.relpath(path, os.path.realpath(save_dir()))
+        log.info("ConceptLab: saved concept neurons to %s (%d bytes)", path, nbytes)
+        return {"ui": {"text": [f"{rel} ({nbytes} bytes)"]}, "result": (rel,)}
+
+
+class ConceptLabConceptNeuronsLoad:
+    DESCRIPTION = ("Loads concept neurons saved by Save (from models/concept_neurons or the pack's demo "
+                   "folder). Corrupt, truncated, hostile or foreign files are refused with a clear message; "
+                   "whether the concept fits the MODEL is checked when it is applied.")
+    CATEGORY = "ConceptLab/concept neurons"
+    FUNCTION = "load"
+    RETURN_TYPES = ("CONCEPT_NEURONS", "STRING")
+    RETURN_NAMES = ("concept", "info")
+    OUTPUT_TOOLTIPS = (_TT_CONCEPT, "Statistics of the loaded concept.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        files = concept_files()
+        return {"required": {
+            "concept_file": (files or ["(no concept files)"], {"tooltip": "A concept file in models/concept_neurons."}),
+        }}
+
+    @classmethod
+    def IS_CHANGED(cls, concept_file):
+        try:
+            p = safe_path(concept_file)
+            return f"{os.path.getmtime(p)}:{os.path.getsize(p)}"
+        except Exception:  # noqa: BLE001
+            return concept_file
+
+    def load(self, concept_file):
+        cn = read_file(safe_path(concept_file))
+        return (cn, info_text(cn))
+
+
+class ConceptLabConceptNeuronsApply:
+    DESCRIPTION = ("Applies concept neurons to a MODEL: returns a patched copy where the concept's weights "
+                   "are shut (strength 1) or scaled by 1 - strength. The incoming MODEL is unchanged. "
+                   "Then prompt with the plain class ('a three') to draw the subject.")
+    CATEGORY = "ConceptLab/concept neurons"
+    FUNCTION = "apply"
+    RETURN_TYPES = ("MODEL",)
+    OUTPUT_TOOLTIPS = ("A patched copy of the model.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model the concept was extracted from."}),
+            "concept": ("CONCEPT_NEURONS", {"tooltip": _TT_CONCEPT}),
+            "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05,
+                                   "tooltip": "1 shuts the neurons (zero); between 0 and 1 scales them by 1 - strength."}),
+        }}
+
+    def apply(self, model, concept, strength):
+        return (apply_concept(model, concept, strength),)
+
+
+class ConceptLabConceptNeuronsCombine:
+    DESCRIPTION = ("Combines several concepts into one (the union of their neurons), e.g. two subjects "
+                   "in one image, and reports how much they overlap.")
+    CATEGORY = "ConceptLab/concept neurons"
+    FUNCTION = "combine"
+    RETURN_TYPES = ("CONCEPT_NEURONS", "STRING")
+    RETURN_NAMES = ("concept", "overlap")
+    OUTPUT_TOOLTIPS = ("The union of the inputs.", "Pairwise overlap of the inputs' neuron sets.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        opt = {f"concept_{i}": ("CONCEPT_NEURONS", {"tooltip": "Another concept (optional)."}) for i in range(3, 5)}
+        return {"required": {
+            "concept_1": ("CONCEPT_NEURONS", {"tooltip": "First concept."}),
+            "concept_2": ("CONCEPT_NEURONS", {"tooltip": "Second concept."}),
+        }, "optional": opt}
+
+    def combine(self, concept_1, concept_2, concept_3=None, concept_4=None):
+        return combine([concept_1, concept_2, concept_3, concept_4])
+
+
+class ConceptLabConceptNeuronsInfo:
+    DESCRIPTION = "Describes concept neurons: how many weights are shut per layer, bytes, class word, settings."
+    CATEGORY = "ConceptLab/concept neurons"
+    FUNCTION = "info"
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("text",)
+    OUTPUT_TOOLTIPS = ("A short statistics text.",)
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"concept": ("CONCEPT_NEURONS", {"tooltip": _TT_CONCEPT})}}
+
+    def info(self, concept):
+        text = info_text(concept)
+        return {"ui": {"text": [text]}, "result": (text,)}
+
+
+NODE_CLASS_MAPPINGS = {
+    "ConceptLabConceptNeuronsExtract": ConceptLabConceptNeuronsExtract,
+    "ConceptLabConceptNeuronsSave": ConceptLabConceptNeuronsSave,
+    "ConceptLabConceptNeuronsLoad": ConceptLabConceptNeuronsLoad,
+    "ConceptLabConceptNeuronsApply": ConceptLabConceptNeuronsApply,
+    "ConceptLabConceptNeuronsCombine": ConceptLabConceptNeuronsCombine,
+    "ConceptLabConceptNeuronsInfo": ConceptLabConceptNeuronsInfo,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "ConceptLabConceptNeuronsExtract": EXTRACT,
+    "ConceptLabConceptNeuronsSave": SAVE,
+    "ConceptLabConceptNeuronsLoad": LOAD,
+    "ConceptLabConceptNeuronsApply": APPLY,
+    "ConceptLabConceptNeuronsCombine": COMBINE,
+    "ConceptLabConceptNeuronsInfo": INFO,
+}

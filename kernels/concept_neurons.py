@@ -1,0 +1,314 @@
+"""Concept neurons (Cones): scores, the two search procedures, budgets, index coding, set algebra.
+
+Pure torch (no ComfyUI). A *concept neuron* is one scalar weight of a candidate K/V projection
+(``kernels.layers.concept_kv_layers``); *shutting* it sets it to zero. Weights are addressed by
+their flat index into the layer's weight tensor (row-major), so a concept is a sorted set of
+integers per layer.
+
+- Score (first-order Taylor estimate of the loss change when weight i is zeroed):
+  ``s_i = theta_i * dL/dtheta_i``. ``s_i > 0``: shutting it lowers the concept-implanting loss.
+- Procedure ``iterative``: repeat {gradient at the currently masked weights; shut the
+  ``budget / rounds`` unshut candidates with the largest positive scores}.
+- Procedure ``accumulated``: a multiplicative scale-down of the weights along the scores
+  (``theta <- theta - rho * theta0^2 * grad``, i.e. each weight's multiplier ``c_i`` drops by
+  ``rho * theta0_i * grad_i``), scores summed over iterations; the shut set is the budget's
+  largest accumulated scores. ``rho`` is normalised per step (the largest positive score moves its
+  multiplier by ``rate``), so the result does not hinge on the gradient's absolute scale.
+- Budget: a fraction of all candidate weights (never an absolute score threshold), optionally
+  stopped early at a target loss (relative to the starting loss).
+- Storage: per layer, the sorted indices are delta-coded, split into little-endian byte planes
+  (all low bytes, then all next bytes, ...) and zlib-compressed; stored as a uint8 tensor.
+"""
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping, Optional
+
+import torch
+
+PROCEDURES = ("iterative", "accumulated")
+CODEC = "delta-byteplanes-zlib"
+
+GradFn = Callable[[Mapping[str, torch.Tensor]], tuple]
+"""grad_fn(current_weights) -> (loss: float, grads: {name: tensor like the weight})."""
+
+
+# --------------------------------------------------------------------------------------------
+# candidates and scores
+# --------------------------------------------------------------------------------------------
+def candidate_mask(shape: tuple, kind: str) -> Optional[torch.Tensor]:
+    """Bool mask of the candidate weights in a layer, or None when every weight is a candidate.
+
+    For a fused QKV projection (``kind == "qkv"``) the K and V rows (the 2nd and 3rd thirds of
+    the output rows) are candidates; Q rows are not."""
+    if kind != "qkv":
+        return None
+    rows = shape[0]
+    if rows % 3:
+        raise ValueError(f"fused qkv weight has {rows} rows, not a multiple of 3")
+    m = torch.zeros(shape, dtype=torch.bool)
+    m[rows // 3:] = True
+    return m
+
+
+def candidate_count(shape: tuple, kind: str) -> int:
+    n = math.prod(shape)
+    return n * 2 // 3 if kind == "qkv" else n
+
+
+def taylor_scores(weights: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor]) -> dict:
+    """``s_i = theta_i * dL/dtheta_i`` per layer (fp32)."""
+    return {n: weights[n].float() * grads[n].float() for n in weights}
+
+
+def budget_count(total: int, fraction: float) -> int:
+    """How many weights a budget fraction allows (at least one)."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"budget fraction must be in (0, 1], got {fraction}")
+    return max(1, int(round(total * fraction)))
+
+
+def top_positive(scores: Mapping[str, torch.Tensor], count: int,
+                 excluded: Optional[Mapping[str, torch.Tensor]] = None,
+                 candidates: Optional[Mapping[str, Optional[torch.Tensor]]] = None) -> dict:
+    """Global top-``count`` strictly positive scores across layers, skipping ``excluded`` (bool
+    masks) and non-candidates. Returns {name: sorted flat int64 indices} (layers may be empty)."""
+    names = list(scores)
+    flat = []
+    for n in names:
+        s = scores[n].detach().float().reshape(-1).clone()
+        if excluded is not None and n in excluded:
+            s[excluded[n].reshape(-1)] = float("-inf")
+        cand = (candidates or {}).get(n)
+        if cand is not None:
+            s[~cand.reshape(-1)] = float("-inf")
+        flat.append(s)
+    sizes = [f.numel() for f in flat]
+    allv = torch.cat(flat) if flat else torch.zeros(0)
+    k = min(int(count), int((allv > 0).sum()))
+    out = {n: torch.zeros(0, dtype=torch.int64) for n in names}
+    if k <= 0:
+        return out
+    top = torch.topk(allv, k, sorted=False).indices
+    offsets = torch.tensor([0] + sizes).cumsum(0)
+    for i, n in enumerate(names):
+        sel = top[(top >= offsets[i]) & (top < offsets[i + 1])] - offsets[i]
+        out[n] = torch.sort(sel).values
+    return out
+
+
+def indices_to_mask(indices: torch.Tensor, shape: tuple) -> torch.Tensor:
+    m = torch.zeros(math.prod(shape), dtype=torch.bool)
+    if indices.numel():
+        m[indices] = True
+    return m.reshape(shape)
+
+
+def mask_to_indices(mask: torch.Tensor) -> torch.Tensor:
+    return torch.nonzero(mask.reshape(-1), as_tuple=False).reshape(-1).to(torch.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# the two procedures
+# --------------------------------------------------------------------------------------------
+@dataclass
+class SearchResult:
+    indices: dict
+    """{layer name: sorted int64 flat indices of shut weights}"""
+    losses: list = field(default_factory=list)
+    """loss after each gradient evaluation (the first is the starting loss)"""
+    evaluations: int = 0
+    stopped_early: bool = False
+
+    @property
+    def count(self) -> int:
+        return sum(int(v.numel()) for v in self.indices.values())
+
+
+def _check_theta(theta0: Mapping[str, torch.Tensor]) -> dict:
+    return {n: t.detach().float() for n, t in theta0.items()}
+
+
+def iterative_shutting(theta0: Mapping[str, torch.Tensor], grad_fn: GradFn, count: int, rounds: int,
+                       candidates: Optional[Mapping[str, Optional[torch.Tensor]]] = None,
+                       target_loss_ratio: Optional[float] = None,
+                       step: Optional[Callable[[], None]] = None) -> SearchResult:
+    """Procedure (a): ``rounds`` rounds, each shutting up to ``ceil(count / rounds)`` more weights
+    (largest positive Taylor scores at the current masked weights). Stops early once the loss is
+    at or below ``target_loss_ratio`` x the starting loss. ``step()`` is called per gradient."""
+    theta0 = _check_theta(theta0)
+    shut = {n: torch.zeros_like(t, dtype=torch.bool) for n, t in theta0.items()}
+    res = SearchResult(indices={})
+    per_round = max(1, math.ceil(count / max(rounds, 1)))
+    done = 0
+    for _ in range(max(rounds, 1)):
+        current = {n: theta0[n].masked_fill(shut[n], 0.0) for n in theta0}
+        loss, grads = grad_fn(current)
+        res.evaluations += 1
+        res.losses.append(float(loss))
+        if step:
+            step()
+        if target_loss_ratio is not None and len(res.losses) > 1 and loss <= target_loss_ratio * res.losses[0]:
+            res.stopped_early = True
+            break
+        take = min(per_round, count - done)
+        if take <= 0:
+            break
+        new = top_positive(taylor_scores(current, grads), take, shut, candidates)
+        added = 0
+        for n, idx in new.items():
+            if idx.numel():
+                shut[n].view(-1)[idx] = True
+                added += idx.numel()
+        done += added
+        if added == 0:
+            break
+    res.indices = {n: mask_to_indices(m) for n, m in shut.items()}
+    return res
+
+
+def accumulated_scaledown(theta0: Mapping[str, torch.Tensor], grad_fn: GradFn, count: int, iterations: int,
+                          rate: float = 0.1,
+                          candidates: Optional[Mapping[str, Optional[torch.Tensor]]] = None,
+                          target_loss_ratio: Optional[float] = None,
+                          step: Optional[Callable[[], None]] = None) -> SearchResult:
+    """Procedure (b): weights are scaled down along their scores (multipliers ``c`` in [0, 1],
+    ``c_i -= rate * s_i / max(s+)`` with ``s_i = theta0_i * grad_i`` at the current weights, which
+    is the ``theta <- theta - rho * theta0^2 * grad`` step with a per-step normalised rho); the
+    scores are summed over iterations and the shut set is the ``count`` largest positive sums."""
+    theta0 = _check_theta(theta0)
+    mult = {n: torch.ones_like(t) for n, t in theta0.items()}
+    acc = {n: torch.zeros_like(t) for n, t in theta0.items()}
+    res = SearchResult(indices={})
+    for _ in range(max(iterations, 1)):
+        current = {n: theta0[n] * mult[n] for n in theta0}
+        loss, grads = grad_fn(current)
+        res.evaluations += 1
+        res.losses.append(float(loss))
+        if step:
+            step()
+        if target_loss_ratio is not None and len(res.losses) > 1 and loss <= target_loss_ratio * res.losses[0]:
+            res.stopped_early = True
+            break
+        s = taylor_scores(theta0, grads)
+        peak = 0.0
+        for n in s:
+            cand = (candidates or {}).get(n)
+            if cand is not None:
+                s[n] = s[n].masked_fill(~cand, 0.0)
+            acc[n] += s[n]
+            peak = max(peak, float(s[n].max()))
+        if peak <= 0:
+            continue
+        for n in s:
+            mult[n] = (mult[n] - rate * s[n].clamp_min(0) / peak).clamp_(0.0, 1.0)
+    res.indices = top_positive(acc, count, None, candidates)
+    return res
+
+
+# --------------------------------------------------------------------------------------------
+# set algebra and masks
+# --------------------------------------------------------------------------------------------
+def union(sets: Iterable[Mapping[str, torch.Tensor]]) -> dict:
+    out: dict = {}
+    for s in sets:
+        for n, idx in s.items():
+            out[n] = torch.unique(torch.cat([out.get(n, torch.zeros(0, dtype=torch.int64)), idx.to(torch.int64)]))
+    return out
+
+
+def intersection_count(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> int:
+    total = 0
+    for n in set(a) & set(b):
+        if a[n].numel() and b[n].numel():
+            total += int(torch.isin(a[n], b[n]).sum())
+    return total
+
+
+def overlap_report(named_sets: list) -> dict:
+    """Pairwise overlaps of (name, {layer: indices}) sets: counts and Jaccard indices."""
+    pairs = []
+    for i in range(len(named_sets)):
+        for j in range(i + 1, len(named_sets)):
+            (na, a), (nb, b) = named_sets[i], named_sets[j]
+            inter = intersection_count(a, b)
+            size_a = sum(int(v.numel()) for v in a.values())
+            size_b = sum(int(v.numel()) for v in b.values())
+            uni = size_a + size_b - inter
+            pairs.append({"a": na, "b": nb, "shared": inter, "a_count": size_a, "b_count": size_b,
+                          "jaccard": inter / uni if uni else 0.0})
+    return {"pairs": pairs, "union_count": sum(int(v.numel()) for v in union(s for _, s in named_sets).values())}
+
+
+def shut_diff(weight: torch.Tensor, indices: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+    """The additive patch ``-strength * W * mask`` (dense, the weight's shape and dtype): added to
+    W it zeroes the shut weights at strength 1 and scales them by (1 - strength) in between."""
+    flat = torch.zeros(weight.numel(), dtype=torch.float32, device=weight.device)
+    if indices.numel():
+        flat[indices.to(weight.device)] = -float(strength) * weight.reshape(-1)[indices.to(weight.device)].float()
+    return flat.reshape(weight.shape).to(weight.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# index coding
+# --------------------------------------------------------------------------------------------
+class CorruptIndices(ValueError):
+    pass
+
+
+def encode_indices(indices: torch.Tensor) -> torch.Tensor:
+    """Sorted unique int64 indices -> uint8 tensor: [width byte] + zlib(delta byte planes)."""
+    idx = indices.to(torch.int64).reshape(-1)
+    if idx.numel() == 0:
+        return torch.tensor([0], dtype=torch.uint8)
+    if bool((idx[1:] <= idx[:-1]).any()) or int(idx[0]) < 0:
+        raise ValueError("indices must be sorted, unique and non-negative")
+    deltas = torch.cat([idx[:1], idx[1:] - idx[:-1] - 1])  # gaps: 0 for adjacent indices
+    width = max(1, (int(deltas.max()).bit_length() + 7) // 8)
+    planes = [((deltas >> (8 * b)) & 0xFF).to(torch.uint8) for b in range(width)]
+    raw = torch.cat(planes).numpy().tobytes()
+    blob = bytes([width]) + zlib.compress(raw, 9)
+    return torch.frombuffer(bytearray(blob), dtype=torch.uint8).clone()
+
+
+def decode_indices(blob: torch.Tensor, count: int, numel: int) -> torch.Tensor:
+    """Inverse of :func:`encode_indices`, validating everything: raises :class:`CorruptIndices`
+    for a wrong width, a zlib error, a size mismatch or an index outside ``[0, numel)``."""
+    if blob.dtype != torch.uint8 or blob.ndim != 1 or blob.numel() < 1:
+        raise CorruptIndices("index blob is not a 1-D uint8 tensor")
+    if count < 0 or count > numel:
+        raise CorruptIndices(f"count {count} is impossible for a layer of {numel} weights")
+    data = blob.numpy().tobytes()
+    width = data[0]
+    if count == 0:
+        if width != 0 or len(data) != 1:
+            raise CorruptIndices("empty index set carries data")
+        return torch.zeros(0, dtype=torch.int64)
+    if not 1 <= width <= 8:
+        raise CorruptIndices(f"bad delta width {width}")
+    expected = count * width
+    try:
+        d = zlib.decompressobj()
+        raw = d.decompress(data[1:], expected + 1)
+        if d.unconsumed_tail or not d.eof:
+            raise CorruptIndices("compressed indices are truncated or longer than declared")
+    except zlib.error as e:
+        raise CorruptIndices(f"compressed indices do not decompress ({e})") from None
+    if len(raw) != expected:
+        raise CorruptIndices(f"decompressed {len(raw)} bytes, expected {expected}")
+    planes = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(torch.int64).reshape(width, count)
+    deltas = torch.zeros(count, dtype=torch.int64)
+    for b in range(width):
+        deltas |= planes[b] << (8 * b)
+    if bool((deltas < 0).any()):
+        raise CorruptIndices("negative gap")
+    idx = torch.cumsum(deltas + 1, 0) - 1
+    if int(idx[-1]) >= numel or int(idx[0]) < 0:
+        raise CorruptIndices(f"index {int(idx[-1])} is outside a layer of {numel} weights")
+    return idx
+
+
+def bytes_per_index(blobs: Mapping[str, torch.Tensor], count: int) -> float:
+    return sum(int(b.numel()) for b in blobs.values()) / max(count, 1)
