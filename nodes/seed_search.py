@@ -34,7 +34,7 @@ import comfy.samplers
 
 from ..kernels import seed_search as K
 from ..kernels.autograd import activation_snapshots, differentiable_weights
-from ._runtime import Progress, fail, gradients_through, load_for_compute, require_family
+from ._runtime import Progress, check_interrupt, fail, gradients_through, load_for_compute, require_family
 
 SEARCH = "ConceptLab Seed Search (optimise)"
 RANK = "ConceptLab Seed Rank (best-of-N)"
@@ -58,8 +58,9 @@ def schedule(model, steps: int, scheduler: str = "normal") -> torch.Tensor:
 
 
 def latent_channels(model) -> int | None:
+    """Channels of the model's latents (0.3.x: latent_format; 2024: the diffusion model's input)."""
     fmt = getattr(model.model, "latent_format", None)
-    return getattr(fmt, "latent_channels", None)
+    return getattr(fmt, "latent_channels", None) or getattr(model.model.diffusion_model, "in_channels", None)
 
 
 def fix_latent(model, latent: dict) -> dict:
@@ -91,6 +92,7 @@ def run_inside_sampler(model, positive, negative, latent_samples, cfg, sigmas, n
         max_denoise = math.isclose(float(ms.sigma_max), s0, rel_tol=1e-05) or s0 > float(ms.sigma_max)
 
         def denoise(xx, s):
+            check_interrupt()  # Cancel is honoured at every model call, not only per iteration
             return model_k(xx, s * xx.new_ones([xx.shape[0]]), **extra_args)
 
         def to_x(z):
@@ -135,9 +137,22 @@ def vae_decode(vae, latent_raw: torch.Tensor) -> torch.Tensor:
     return ((out.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
+def clip_vision_size(cv) -> int:
+    """The CLIP vision model's input size (0.3.x stores it; 2024: read it off the embeddings)."""
+    size = getattr(cv, "image_size", None)
+    if size:
+        return int(size)
+    for m in cv.model.modules():
+        pe, patch = getattr(m, "position_embedding", None), getattr(m, "patch_embedding", None)
+        if pe is not None and patch is not None:
+            n = pe.weight.shape[0] - (1 if getattr(m, "class_embedding", None) is not None else 0)
+            return int(round(math.sqrt(n))) * int(patch.kernel_size[0])
+    return 224
+
+
 def clip_vision_embed(cv, images_bchw: torch.Tensor) -> torch.Tensor:
     """CLIP vision image embeddings with a differentiable resize / normalise."""
-    size = int(getattr(cv, "image_size", 224))
+    size = clip_vision_size(cv)
     px = K.preprocess_for_vision(images_bchw, size, getattr(cv, "image_mean", CLIP_MEAN),
                                  getattr(cv, "image_std", CLIP_STD))
     dtype = getattr(cv, "dtype", None) or torch.float32

@@ -1,0 +1,105 @@
+"""End to end: the seed-search example workflows posted to a real ComfyUI server's /prompt.
+
+The workflows load their references with LoadImage; the test renders three held-out real
+digits (never seen in training) into the server's input folder under the names they use."""
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import conceptlab_comfy_runtime as cr  # the harness; tests/conftest.py loads it by path
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[2]
+CONTROL = ("fixed", "increment", "decrement", "randomize")
+
+
+@pytest.fixture(scope="module")
+def object_info(server):
+    return server.get("/object_info")
+
+
+@pytest.fixture(scope="module")
+def refs_in_input(server):
+    from PIL import Image
+    from benchmarks.world import scenes as S
+    cfg = S.WorldConfig()
+    for k, idx in enumerate(S.heldout_indices(cfg, 8)[:3]):
+        Image.fromarray(S.render_subject(cfg, int(idx)).image).save(
+            server.base / "input" / f"conceptlab_ref_eight_{k + 1}.png")
+    return True
+
+
+def _prompt(name: str, object_info: dict) -> dict:
+    """The UI workflow converted with the harness's ui_to_api. A seed widget that is linked from
+    another node keeps its control_after_generate value in widgets_values (the front end never
+    sends it); it is dropped here first, because ui_to_api skips it only for unlinked seeds."""
+    wf = copy.deepcopy(json.loads((ROOT / "example_workflows" / name).read_text()))
+    for node in wf["nodes"]:
+        linked = [i["name"] for i in node.get("inputs", []) if i.get("widget") and i.get("link") is not None]
+        vals = node.get("widgets_values")
+        if "seed" in linked and isinstance(vals, list) and len(vals) > 1 and vals[1] in CONTROL:
+            del vals[1]
+    return cr.ui_to_api(wf, object_info)
+
+
+def _ids(prompt, cls):
+    return [k for k, v in prompt.items() if v["class_type"] == cls]
+
+
+def _read(server, entry, node_id):
+    from PIL import Image
+    out = []
+    for im in entry["outputs"][node_id]["images"]:
+        with Image.open(server.base / "output" / im.get("subfolder", "") / im["filename"]) as pic:
+            out.append(np.asarray(pic.convert("RGB")))
+    return out
+
+
+def test_seed_rank_workflow_feeds_a_stock_ksampler(server, object_info, refs_in_input):
+    prompt = _prompt("seed_rank_then_ksampler.json", object_info)
+    (rank,) = _ids(prompt, "ConceptLabSeedRank")
+    (ks,) = _ids(prompt, "KSampler")
+    assert prompt[ks]["inputs"]["seed"] == [rank, 0] and prompt[ks]["inputs"]["steps"] == 20
+    prompt[rank]["inputs"]["candidates"] = 8
+    entry = server.run_prompt(prompt, timeout=300)
+    assert cr.history_error(entry) is None, cr.history_error(entry)
+    (save,) = _ids(prompt, "SaveImage")
+    imgs = _read(server, entry, save)
+    assert len(imgs) == 1 and imgs[0].shape == (64, 64, 3)
+    # (that the INT reproduces with a stock KSampler is checked in tests/integration)
+    from benchmarks.world import judge as J
+    assert J.find_digits(imgs[0]), "no digit drawn"
+
+
+def test_seed_search_workflow_through_sampler_custom_advanced(server, object_info, refs_in_input):
+    if not cr.is_modern():
+        pytest.skip(f"SamplerCustomAdvanced and the NOISE type need ComfyUI 0.3.x; {cr.comfy_version()} has none "
+                    "(set COMFYUI_PATH to ComfyUI 0.3.x)")
+    prompt = _prompt("seed_select_then_custom_advanced.json", object_info)
+    (search,) = _ids(prompt, "ConceptLabSeedSearch")
+    assert prompt[search]["inputs"]["iterations"] == 12
+    prompt[search]["inputs"]["iterations"] = 2          # keep the test fast
+    entry = server.run_prompt(prompt, timeout=300)
+    assert cr.history_error(entry) is None, cr.history_error(entry)
+    saves = _ids(prompt, "SaveImage")
+    shapes = sorted(_read(server, entry, s)[0].shape for s in saves)
+    assert len(_read(server, entry, saves[0])) + len(_read(server, entry, saves[1])) == 3  # 2 samples + curve
+    assert shapes == [(64, 64, 3), (200, 320, 3)]
+
+
+def test_bad_references_are_reported_by_the_node(server, object_info, refs_in_input):
+    prompt = _prompt("seed_rank_then_ksampler.json", object_info)
+    (rank,) = _ids(prompt, "ConceptLabSeedRank")
+    prompt[rank]["inputs"]["references"] = ["4", 0]     # the LATENT, not an IMAGE
+    for k in ("references_2", "references_3"):
+        prompt[rank]["inputs"].pop(k)
+    try:
+        entry = server.run_prompt(prompt, timeout=120)
+    except cr.PromptRejected as e:                      # 0.3.x validates link types up front
+        assert "references" in e.body
+        return
+    err = cr.history_error(entry)
+    assert err and "[ConceptLab Seed Rank (best-of-N)] The 'references' input is dict, not an IMAGE" in err
