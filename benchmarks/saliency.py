@@ -12,7 +12,8 @@ resolution (blurred 3x3 on the latent grid first, the nodes' default), and the m
 map's mean) is reported beside it as ``*_mean_threshold``.
 
 Figures: mIoU and pixel accuracy per method, the capture overhead (sampling wall time with
-capture / without, median of interleaved repeats, one run), whether the images are bit-identical
+capture / without, median of interleaved repeats, one run; timed with torch pinned to one thread,
+``--timing-threads``, and given as a CPU-time ratio too), whether the images are bit-identical
 with capture on, and memory at 10 and 40 steps (the recording's own bytes, and the peak RSS of a
 fresh process that samples once with capture).
 """
@@ -58,16 +59,19 @@ def _sample(model, clip, vae, prompt, n, seed, steps, cfg):
     (pos,) = comfy_nodes.CLIPTextEncode().encode(clip, prompt)
     (neg,) = comfy_nodes.CLIPTextEncode().encode(clip, "")
     (lat,) = comfy_nodes.EmptyLatentImage().generate(64, 64, n)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     (out,) = comfy_nodes.KSampler().sample(model, seed, steps, cfg, "euler", "normal", pos, neg, lat)
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     (img,) = comfy_nodes.VAEDecode().decode(vae, out)
+    _sample.cpu_seconds = cpu
     return img.detach(), dt
 
 
-def _capture(sal, model, clip, prompt, words, method="auto"):
-    return sal.ConceptLabSaliencyCapture().capture(model, clip, prompt, ", ".join(words), method,
-                                                   "auto", 0.0, 1.0)
+def _capture(sal, model, clip, prompt, words, method="auto", compare=()):
+    patched, rec = sal.ConceptLabSaliencyCapture().capture(model, clip, prompt, ", ".join(words),
+                                                           method, "auto", 0.0, 1.0)
+    rec.compare = tuple(compare)       # e.g. raw cross-attention beside ConceptAttention
+    return patched, rec
 
 
 def _segmentation(K, J, judge, rec, img, names):
@@ -92,18 +96,33 @@ def _segmentation(K, J, judge, rec, img, names):
     return out
 
 
-def _overhead(sal, model, clip, vae, prompt, words, steps, cfg, repeats):
-    plain_t, cap_t = [], []
+def _overhead(sal, model, clip, vae, prompt, words, steps, cfg, repeats, threads=0):
+    """Interleaved plain / capture samplings of the same seeds. Returns the median wall-time
+    ratio, bit-identity, and per repeat (wall plain, wall capture, CPU plain, CPU capture).
+
+    ``threads`` > 0 pins torch's intra-op threads while timing: on a shared 2-core machine,
+    torch's default OpenMP threads wait on each other whenever another process holds a core,
+    and single samplings of these tiny models then range from 0.4 s to 30 s."""
+    times = {"plain": [], "capture": [], "plain_cpu": [], "capture_cpu": []}
     identical = True
-    _sample(model, clip, vae, prompt, 4, 1, steps, cfg)            # warm-up
-    for r in range(repeats):
-        img0, t0 = _sample(model, clip, vae, prompt, 4, 100 + r, steps, cfg)
-        patched, _ = _capture(sal, model, clip, prompt, words)
-        img1, t1 = _sample(patched, clip, vae, prompt, 4, 100 + r, steps, cfg)
-        identical = identical and torch.equal(img0, img1)
-        plain_t.append(t0)
-        cap_t.append(t1)
-    return statistics.median(cap_t) / statistics.median(plain_t), identical, plain_t, cap_t
+    before = torch.get_num_threads()
+    if threads > 0:
+        torch.set_num_threads(threads)
+    try:
+        _sample(model, clip, vae, prompt, 4, 1, steps, cfg)            # warm-up
+        for r in range(repeats):
+            img0, t0 = _sample(model, clip, vae, prompt, 4, 100 + r, steps, cfg)
+            times["plain_cpu"].append(_sample.cpu_seconds)
+            patched, _ = _capture(sal, model, clip, prompt, words)
+            img1, t1 = _sample(patched, clip, vae, prompt, 4, 100 + r, steps, cfg)
+            times["capture_cpu"].append(_sample.cpu_seconds)
+            identical = identical and torch.equal(img0, img1)
+            times["plain"].append(t0)
+            times["capture"].append(t1)
+    finally:
+        torch.set_num_threads(before)
+    ratio = statistics.median(times["capture"]) / statistics.median(times["plain"])
+    return ratio, identical, times
 
 
 def measure_model(key: str, args) -> dict:
@@ -125,7 +144,7 @@ def measure_model(key: str, args) -> dict:
     t0 = time.time()
     with torch.inference_mode():
         for pi, (prompt, words) in enumerate([] if args.overhead_only else prompts):
-            patched, rec = _capture(sal, model, clip, prompt, words)
+            patched, rec = _capture(sal, model, clip, prompt, words, compare=names[1:])
             img, _ = _sample(patched, clip, vae, prompt, args.images, 1000 + pi, args.steps, cfg)
             for name, r in _segmentation(K, J, judge, rec, img, names).items():
                 s = seg.setdefault(name, {"iou": [], "acc": []})
@@ -133,14 +152,19 @@ def measure_model(key: str, args) -> dict:
                 s["acc"] += r["acc"]
             print(f"[saliency] {key}: scene {pi + 1}/{len(prompts)} '{prompt}' "
                   f"({time.time() - t0:.0f}s)", flush=True)
-        ratio, identical, plain_t, cap_t = _overhead(sal, model, clip, vae, prompts[0][0],
-                                                     prompts[0][1], args.steps, cfg, args.repeats)
+        ratio, identical, times = _overhead(sal, model, clip, vae, prompts[0][0], prompts[0][1],
+                                            args.steps, cfg, args.repeats, args.timing_threads)
     guard.check(f"python -m benchmarks saliency ({key})")
     res = {"family": info["family"],
            "digits_scored": len(next(iter(seg.values()))["iou"]) if seg else 0,
            "capture_overhead_ratio": round(ratio, 4), "image_bit_identical": identical,
-           "sampling_seconds_plain": [round(t, 4) for t in plain_t],
-           "sampling_seconds_capture": [round(t, 4) for t in cap_t]}
+           "capture_overhead_ratio_cpu": round(statistics.median(times["capture_cpu"])
+                                               / statistics.median(times["plain_cpu"]), 4),
+           "timing_threads": args.timing_threads or torch.get_num_threads(),
+           "sampling_seconds_plain": [round(t, 4) for t in times["plain"]],
+           "sampling_seconds_capture": [round(t, 4) for t in times["capture"]],
+           "sampling_cpu_seconds_plain": [round(t, 4) for t in times["plain_cpu"]],
+           "sampling_cpu_seconds_capture": [round(t, 4) for t in times["capture_cpu"]]}
     for name, r in seg.items():
         res[f"miou_{name}"] = round(float(np.mean(r["iou"])), 4)
         res[f"pixel_acc_{name}"] = round(float(np.mean(r["acc"])), 4)
@@ -198,6 +222,8 @@ def run(args) -> dict:
         res["pixel_acc_crossattn_dit"] = dit["pixel_acc_crossattention"]
     ratios = [r["capture_overhead_ratio"] for r in (unet, dit) if "capture_overhead_ratio" in r]
     res["capture_overhead_ratio"] = max(ratios)
+    res["capture_overhead_ratio_cpu"] = max(r["capture_overhead_ratio_cpu"] for r in (unet, dit)
+                                            if "capture_overhead_ratio_cpu" in r)
     res["image_bit_identical"] = all(r.get("image_bit_identical", True) for r in (unet, dit))
     return res
 
@@ -208,6 +234,8 @@ def add_arguments(p) -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--seed", type=int, default=5)
     p.add_argument("--repeats", type=int, default=5, help="timing repeats for the overhead ratio")
+    p.add_argument("--timing-threads", type=int, default=1,
+                   help="torch intra-op threads while timing the overhead (0: torch's default)")
     p.add_argument("--overhead-only", action="store_true",
                    help="measure only the capture overhead and bit-identity (no segmentation, "
                         "no memory probes), for quick iteration")

@@ -130,6 +130,7 @@ class SaliencyRecording:
     groups: list = field(default_factory=list)          # DAAM: token positions per word
     concept_embeds: Optional[torch.Tensor] = None       # DiT: (C, D) raw text-encoder vectors
     pooled_zero: bool = True                            # DiT: concepts modulated without pooled text
+    compare: tuple = ()             # DiT: other methods to record in the same run (comparisons)
     maps: dict = field(default_factory=dict)            # name -> K.RunningMaps
     steps: int = 0
     calls: int = 0
@@ -398,9 +399,11 @@ class _ConceptAttentionBlock:
         o_c = K.concept_attention(q_c, k_c, v_c, stash["k"][rows, n_txt:],
                                   stash["v"][rows, n_txt:], heads)
         if self.record:
-            rec.add("conceptattention", K.concept_saliency(stash["o"][rows, n_txt:], o_c))
-            rec.add("crossattention", K.cross_attention_saliency(stash["q"][rows, n_txt:], k_c,
-                                                                  heads))
+            if rec.method == "conceptattention" or "conceptattention" in rec.compare:
+                rec.add("conceptattention", K.concept_saliency(stash["o"][rows, n_txt:], o_c))
+            if rec.method == "crossattention" or "crossattention" in rec.compare:
+                rec.add("crossattention", K.cross_attention_saliency(stash["q"][rows, n_txt:],
+                                                                      k_c, heads))
         if not cb.pre_only:
             rec._concepts = cb.post_attention(o_c, *inter)
         return result

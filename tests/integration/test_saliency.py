@@ -130,6 +130,7 @@ def test_conceptattention_leaves_the_dit_image_bit_identical(lab, sal):
     guard = lab.runtime.ModelGuard.of(model)
     plain = _sample(lab, model, clip, vae, n=2, steps=8)
     patched, rec = _capture(sal, model, clip, concepts="seven, two, red")
+    rec.compare = ("crossattention",)          # the raw cross-attention maps too, same run
     img = _sample(lab, patched, clip, vae, n=2, steps=8)
     guard.check("ConceptLab Saliency Capture (DiT) + sampling")
     assert torch.equal(plain, img)
