@@ -423,7 +423,10 @@ class ConceptLoss:
         per = (den.float() - x0.float()).pow(2).mean(dim=(1, 2, 3)) * w
         n = self.n_subject + self.n_prior
         per = per.view(-1, n)
-        return per[:, :self.n_subject].mean() + self.settings.prior_weight * per[:, self.n_subject:].mean()
+        loss = per[:, :self.n_subject].mean()
+        if self.n_prior:
+            loss = loss + self.settings.prior_weight * per[:, self.n_subject:].mean()
+        return loss
 
     def __call__(self, multipliers: dict):
         """(loss, {name: dL/dm}) for weights ``theta * m``. ``dL/dm_i = theta_i * dL/dtheta'_i``,

@@ -1,0 +1,273 @@
+"""Concept neurons on real ComfyUI and the real demo UNet: extraction (gradients reach the K/V
+weights, budget respected, model untouched, cancel leaves nothing behind), apply (the clone's
+weights are shut / scaled, the original stays bit-identical), the file format and its refusals."""
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def cn(lab):
+    import importlib
+    return importlib.import_module(f"{lab.pack.__name__}.nodes.concept_neurons")
+
+
+@pytest.fixture(scope="module")
+def unet(lab):
+    with torch.inference_mode():
+        model, clip, vae, _ = lab.demo.build_demo_model("digits_unet")
+    return model, clip, vae
+
+
+@pytest.fixture
+def folder(cn, tmp_path, monkeypatch):
+    """Concept files go to a temporary models/concept_neurons for the test."""
+    import folder_paths
+    d = tmp_path / "concept_neurons"
+    d.mkdir()
+    entry = folder_paths.folder_names_and_paths[cn.FOLDER]
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, cn.FOLDER, ([str(d)], entry[1]))
+    if hasattr(folder_paths, "filename_list_cache"):
+        folder_paths.filename_list_cache.clear()
+    return d
+
+
+def _images(n=3):
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.zeros(n, 64, 64, 3)
+    for i in range(n):  # a thick stroke, slightly moved: a stand-in subject
+        x = 20 + 4 * i
+        imgs[i, 16:48, x:x + 6, :] = torch.rand(3, generator=g) * 0.5 + 0.5
+    return imgs
+
+
+def _settings(cn, **kw):
+    base = dict(procedure="iterative", budget_fraction=0.004, iterations=2, prior_images=2, prior_steps=3,
+                noise_draws=1)
+    base.update(kw)
+    return cn.ExtractSettings(**base)
+
+
+def _extract(cn, unet, **kw):
+    model, clip, vae = unet
+    with torch.inference_mode():
+        return cn.extract(model, clip, vae, _images(), "a three", _settings(cn, **kw))
+
+
+@pytest.fixture(scope="module")
+def concept(cn, unet):
+    return _extract(cn, unet)
+
+
+def _copy(c):
+    import copy
+    return copy.deepcopy(c)
+
+
+def _unload():
+    import comfy.model_management as mm
+    mm.unload_all_models()
+
+
+@pytest.mark.parametrize("procedure", ["iterative", "accumulated"])
+def test_extraction_respects_budget_and_leaves_model_untouched(lab, cn, unet, procedure):
+    model = unet[0]
+    guard = lab.runtime.ModelGuard.of(model)
+    params = dict(model.model.diffusion_model.named_parameters())
+    c = _extract(cn, unet, procedure=procedure)
+    assert c.candidates == 45056 and c.count == round(45056 * 0.004)
+    assert set(c.indices) == {n for n in c.layers} and all(k.endswith(("to_k.weight", "to_v.weight")) for k in c.layers)
+    assert all(".attn2." in k for k in c.layers)  # cross-attention only by default
+    assert c.stats["evaluations"] >= 1 and np.isfinite(c.stats["loss_start"])
+    assert all(p is params[n] for n, p in model.model.diffusion_model.named_parameters())
+    guard.check("extract")
+
+
+def test_self_attention_option_adds_attn1(cn, unet):
+    c = _extract(cn, unet, include_self_attention=True, iterations=1, prior_images=0)
+    assert any(".attn1." in k for k in c.layers) and c.candidates > 45056
+
+
+def test_scores_are_taylor_scores_of_the_real_weights(lab, cn, unet):
+    """The gradient w.r.t. the multipliers equals theta * dL/dtheta computed the plain way."""
+    model, clip, vae = unet
+    layers = cn.model_layers(model)
+    with torch.inference_mode():
+        cond, pooled = cn.encode_text(clip, "a three")
+        lat = cn.images_to_latents(vae, _images(), model.model)
+    s = _settings(cn)
+    lab.runtime.load_for_compute(model)
+    loss = cn.ConceptLoss(model, lat, lat[:0], cond, pooled, s, layers)
+    ones = {n: torch.ones(l["shape"]) for n, l in layers.items()}
+    l1, g1 = loss(ones)
+    name = sorted(layers)[0]
+    with torch.inference_mode():
+        with lab.runtime.gradients_through(model, trainable=[name]) as view:
+            x0, sigma, noise = loss.batch()
+            out = loss.loss_on(x0, sigma, noise)
+            out.backward()
+            plain = (view.trainable[name].detach() * view.trainable[name].grad).cpu()
+    assert l1 == pytest.approx(float(out.detach()), rel=1e-5)
+    assert torch.allclose(g1[name], plain, rtol=1e-4, atol=1e-9) and plain.abs().sum() > 0
+
+
+def test_apply_shuts_weights_in_the_clone_only(lab, cn, unet, concept):
+    import comfy.model_management as mm
+    model = unet[0]
+    c = concept
+    guard = lab.runtime.ModelGuard.of(model)
+    name = next(n for n, i in c.indices.items() if i.numel())
+    w0 = model.model.diffusion_model.get_parameter(name).detach().clone()
+    with torch.inference_mode():
+        full = cn.ConceptLabConceptNeuronsApply().apply(model, c, 1.0)[0]
+        half = cn.ConceptLabConceptNeuronsApply().apply(model, c, 0.5)[0]
+    guard.check("apply")
+    idx = c.indices[name]
+    for patched, expect in ((full, 0.0), (half, 0.5)):
+        mm.load_models_gpu([patched])
+        w = model.model.diffusion_model.get_parameter(name).detach().reshape(-1)
+        assert torch.allclose(w[idx], expect * w0.reshape(-1)[idx])
+        keep = torch.ones_like(w, dtype=torch.bool)
+        keep[idx] = False
+        assert torch.equal(w[keep], w0.reshape(-1)[keep])
+    mm.load_models_gpu([model])
+    _unload()
+    guard.check("apply (after sampling the clones)")
+
+
+def test_cancel_mid_extraction_leaves_no_patch(lab, cn, unet):
+    import comfy.model_management as mm
+    import comfy.utils
+    model = unet[0]
+    guard = lab.runtime.ModelGuard.of(model)
+    params = dict(model.model.diffusion_model.named_parameters())
+    old = getattr(comfy.utils, "PROGRESS_BAR_HOOK", None)
+
+    def hook(value, total, preview, *a, **k):
+        if value >= 3:  # after the first gradient evaluation
+            mm.interrupt_current_processing(True)
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(lab.runtime.interrupt_types()):
+            _extract(cn, unet, iterations=10, prior_images=0)
+    finally:
+        mm.interrupt_current_processing(False)
+        comfy.utils.set_progress_bar_global_hook(old)
+    assert all(p is params[n] for n, p in model.model.diffusion_model.named_parameters())
+    guard.check("cancelled extract")
+
+
+def test_save_load_round_trip_never_overwrites(lab, cn, concept, folder):
+    c = concept
+    save = cn.ConceptLabConceptNeuronsSave()
+    r1 = save.save(c, "subj/three")["result"][0]
+    r2 = save.save(c, "subj/three")["result"][0]
+    assert r1 != r2 and r1.endswith("_00001_.safetensors") and r2.endswith("_00002_.safetensors")
+    assert r1 in cn.concept_files()
+    back, info = cn.ConceptLabConceptNeuronsLoad().load(r1)
+    assert all(torch.equal(back.indices[n], c.indices[n]) for n in c.indices)
+    assert back.fingerprint == c.fingerprint and back.family == "sd1" and back.class_word == "a three"
+    assert "shut: 180 of 45056" in info
+    size = os.path.getsize(folder / r1)
+    assert size < 4096
+
+
+def _refused(cn, name, *words):
+    with pytest.raises(Exception) as e:
+        cn.ConceptLabConceptNeuronsLoad().load(name)
+    msg = str(e.value)
+    assert msg.startswith("[ConceptLab Concept Neurons Load]") and "Fix:" in msg, msg
+    for w in words:
+        assert w in msg, msg
+    return msg
+
+
+def test_load_refuses_corrupt_truncated_hostile_and_traversal(cn, concept, folder, tmp_path):
+    import safetensors.torch
+    c = concept
+    good = folder / cn.ConceptLabConceptNeuronsSave().save(c, "c")["result"][0]
+    data = good.read_bytes()
+    (folder / "trunc.safetensors").write_bytes(data[: len(data) // 2])
+    _refused(cn, "trunc.safetensors", "truncated or corrupt")
+    (folder / "junk.safetensors").write_bytes(b"\x00" * 64)
+    _refused(cn, "junk.safetensors")
+    # hostile: valid safetensors, indices beyond the declared layer
+    with __import__("safetensors").safe_open(str(good), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    import json
+    layers = json.loads(meta["layers"])
+    i = next(j for j, l in enumerate(layers) if l["count"])
+    layers[i]["shape"] = [1, 1]
+    safetensors.torch.save_file(tensors, str(folder / "range.safetensors"), {**meta, "layers": json.dumps(layers)})
+    _refused(cn, "range.safetensors", "corrupt")
+    layers = json.loads(meta["layers"])
+    layers[i]["count"] = 10**12
+    safetensors.torch.save_file(tensors, str(folder / "huge.safetensors"), {**meta, "layers": json.dumps(layers)})
+    _refused(cn, "huge.safetensors", "impossible")
+    safetensors.torch.save_file({"w": torch.zeros(3)}, str(folder / "other.safetensors"), {"format": "lora"})
+    _refused(cn, "other.safetensors", "not a Concept Lab")
+    shutil.copy(good, tmp_path / "outside.safetensors")
+    _refused(cn, "../outside.safetensors", "not a file name inside")
+    _refused(cn, str(tmp_path / "outside.safetensors"), "not a file name inside")
+    os.symlink(tmp_path / "outside.safetensors", folder / "link.safetensors")
+    _refused(cn, "link.safetensors", "outside the concept folder")
+
+
+def test_apply_refuses_a_concept_from_another_model(lab, cn, unet, concept, tmp_path):
+    c = _copy(concept)
+    with torch.inference_mode():
+        other, _, _, info = lab.demo.build_demo_model("digits_unet", directory=str(tmp_path))  # untrained weights
+    assert not info["trained"]
+    guard = lab.runtime.ModelGuard.of(other)
+    with pytest.raises(lab.runtime.ConceptLabError) as e:
+        cn.ConceptLabConceptNeuronsApply().apply(other, c, 1.0)
+    assert "fingerprint mismatch" in str(e.value) and "Fix:" in str(e.value)
+    guard.check("refused apply")
+    c.layers[next(iter(c.layers))]["shape"] = [3, 3]
+    with pytest.raises(lab.runtime.ConceptLabError, match="does not exist with that shape"):
+        cn.ConceptLabConceptNeuronsApply().apply(unet[0], c, 1.0)
+
+
+def test_combine_and_info(cn, concept):
+    a = concept
+    b = _copy(concept)
+    for n in b.indices:  # a second subject: half the same neurons, half others
+        idx = b.indices[n]
+        b.indices[n] = torch.unique(torch.cat([idx[: len(idx) // 2], (idx[len(idx) // 2:] + 1) % 2048]))
+    b.names = ["seven"]
+    merged, overlap = cn.ConceptLabConceptNeuronsCombine().combine(a, b)
+    assert merged.count == len(set(_flat(a)) | set(_flat(b)))
+    assert "Jaccard" in overlap and "a three & seven" in overlap
+    text = cn.ConceptLabConceptNeuronsInfo().info(merged)["result"][0]
+    assert "shut:" in text and "a three" in text
+
+
+def _flat(c):
+    return [(n, int(i)) for n, idx in c.indices.items() for i in idx]
+
+
+def test_dit_text_stream_kv_rows(lab, cn):
+    from conftest import needs_modern
+    needs_modern(lab, "The SD3 demo model")
+    with torch.inference_mode():
+        model, clip, vae, _ = lab.demo.build_demo_model("digits_dit")
+    guard = lab.runtime.ModelGuard.of(model)
+    c = _extract(cn, (model, clip, vae))
+    assert c.family == "sd3" and all("context_block.attn.qkv" in n for n in c.layers)
+    for n, idx in c.indices.items():
+        rows = c.layers[n]["shape"][0]
+        cols = c.layers[n]["shape"][1]
+        assert bool((idx // cols >= rows // 3).all())  # K and V rows only
+    guard.check("dit extract")
+    with torch.inference_mode():
+        patched = cn.apply_concept(model, c, 1.0)
+    assert patched is not model
+    with pytest.raises(lab.runtime.ConceptLabError, match="SD3"):
+        with torch.inference_mode():
+            m1 = lab.demo.build_demo_model("digits_unet")[0]
+        cn.apply_concept(m1, c, 1.0)
+    guard.check("dit apply")
