@@ -2,10 +2,11 @@
 
 A real server (ComfyUI 0.3.x with its PyPI front end) serves the page to headless Chromium. The
 test loads example_workflows/saliency_unet_heatmaps.json into the page, queues it from the page
-(the demo UNet, 2 images, 8 steps, words "seven" and "two"), and then drives the viewer that appears on
-the "ConceptLab Saliency Maps" node: switching words, images and the threshold must each change
-the picture (compared as canvas pixels), and after a page reload the viewer must come back from
-the workflow with the same choices and the same picture. No console or page errors allowed.
+(the demo UNet, 2 images, 8 steps, words "seven" and "two"), and then drives the viewer that
+appears on the "ConceptLab Saliency Maps" node: switching words, images and the threshold must
+each change the picture (compared as canvas pixels), and after a page reload the viewer must
+come back from the workflow with the same choices and the same picture. No console or page
+errors allowed.
 
 The 2024 built-in front end is not driven (it only has to load the extension without errors,
 which test_frontend.py checks). Set ``CONCEPTLAB_VIEWER_SCREENSHOT=/tmp/viewer.png`` to keep a
