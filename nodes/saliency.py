@@ -332,8 +332,8 @@ class _ConceptAttentionBlock:
         # Run the block the way ComfyUI runs a block that has no replace patch (its
         # "original_block" for patched blocks goes through torch.utils.checkpoint, which costs
         # more than this whole capture on small models and computes the same numbers).
-        self._direct = (previous is None and hasattr(block, "context_block")
-                        and hasattr(block, "x_block") and hasattr(diffusion_model, "use_checkpoint"))
+        self._direct = (previous is None and hasattr(diffusion_model, "use_checkpoint")
+                        and hasattr(block, "context_block") and hasattr(block, "x_block"))
 
     def _run(self, args, extra):
         if self.previous is not None:
