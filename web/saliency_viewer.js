@@ -104,7 +104,19 @@ function ramp(v) {
     return [a[0] + (b[0] - a[0]) * f, a[1] + (b[1] - a[1]) * f, a[2] + (b[2] - a[2]) * f];
 }
 
+// Pixel data per loaded image and size, so that dragging the slider only repaints.
+const pixelCache = new WeakMap();   // HTMLImageElement -> {key, data}
+
 function pixels(img, w, h) {
+    const key = `${w}x${h}`;
+    const hit = pixelCache.get(img);
+    if (hit && hit.key === key) return hit.data;
+    const data = readPixels(img, w, h);
+    pixelCache.set(img, { key, data });
+    return data;
+}
+
+function readPixels(img, w, h) {
     const c = document.createElement("canvas");
     c.width = w;
     c.height = h;
