@@ -43,16 +43,17 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def add_arguments(p) -> None:
     p.add_argument("--json", help="write the figures to this path")
-    p.add_argument("--trials", type=int, default=8, help="starting noises per class")
+    p.add_argument("--trials", type=int, default=6, help="starting noises per class")
     p.add_argument("--refs", type=int, default=3, help="reference digits per class")
-    p.add_argument("--iterations", type=int, default=12)
+    p.add_argument("--iterations", type=int, default=10)
     p.add_argument("--search-steps", type=int, default=5)
     p.add_argument("--semantic-steps", type=int, default=1)
-    p.add_argument("--lr", type=float, default=0.2)
+    p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--lr-drop-after", type=int, default=100)
-    p.add_argument("--norm-weight", type=float, default=10.0)
-    p.add_argument("--semantic-weight", type=float, default=50.0)
+    p.add_argument("--norm-weight", type=float, default=0.1)
+    p.add_argument("--semantic-weight", type=float, default=1.0)
     p.add_argument("--appearance-weight", type=float, default=1.0)
+    p.add_argument("--appearance-target", default="nearest", choices=("mean", "nearest"))
     p.add_argument("--steps", type=int, default=20, help="steps of the final stock sampling")
     p.add_argument("--cfg", type=float, default=3.0)
     p.add_argument("--seed", type=int, default=1000)
@@ -110,7 +111,8 @@ def _search_args(args, norm: bool) -> dict:
     return dict(cfg=args.cfg, iterations=args.iterations, search_steps=args.search_steps,
                 learning_rate=args.lr, lr_drop_after=args.lr_drop_after, norm_regulariser=norm,
                 norm_weight=args.norm_weight, semantic_steps=args.semantic_steps,
-                semantic_weight=args.semantic_weight, appearance_weight=args.appearance_weight)
+                semantic_weight=args.semantic_weight, appearance_weight=args.appearance_weight,
+                appearance_target=args.appearance_target)
 
 
 def _rank(ss, model, vae, pos, neg, lat, refs, seed, n, args):
@@ -118,7 +120,7 @@ def _rank(ss, model, vae, pos, neg, lat, refs, seed, n, args):
     with torch.inference_mode():
         best, _ = node.rank(model, vae, pos, neg, lat, refs, seed=seed, candidates=n, cfg=args.cfg,
                             batch_size=32, semantic_weight=args.semantic_weight,
-                            appearance_weight=args.appearance_weight)
+                            appearance_weight=args.appearance_weight, appearance_target=args.appearance_target)
     return best
 
 
@@ -273,7 +275,8 @@ def run(args) -> dict:
     }
     if not args.no_memory:
         extra = []
-        for k in ("iterations", "search_steps", "semantic_steps", "steps", "refs"):
+        for k in ("iterations", "search_steps", "semantic_steps", "steps", "refs", "lr", "norm_weight",
+                  "semantic_weight", "appearance_weight", "appearance_target"):
             extra += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
         mem = {m: _probe(m, extra) for m in ("plain", "search", "rank")}
         base = max(mem["plain"]["peak_rss_delta_mb"], 1e-3)

@@ -184,20 +184,21 @@ def differentiable(model, vae, clip_vision=None):
 class Objective:
     """Builds ``step_loss(x0, i)`` and ``score(x0)`` for the kernels from the references."""
 
-    def __init__(self, model, vae, clip_vision, refs_bchw, semantic_weight, appearance_weight):
+    def __init__(self, model, vae, clip_vision, refs_bchw, semantic_weight, appearance_weight,
+                 appearance_target="mean"):
         self.base = model.model
+        self.appearance_target = appearance_target
         self.vae, self.cv = vae, clip_vision
         self.w_sem, self.w_app = float(semantic_weight), float(appearance_weight)
         with torch.inference_mode(False), torch.no_grad():
             refs = refs_bchw.clone()
-            self.ref_latent_mean = vae_posterior_mean(vae, refs).mean(0, keepdim=True)
-            self.ref_dir = K.reference_direction(self.embed(refs, latent=None))
+            self.ref_latents = vae_posterior_mean(vae, refs)
+            if clip_vision is not None:
+                ref_embeds = clip_vision_embed(clip_vision, refs)
+            else:
+                ref_embeds = K.latent_embedding(self.ref_latents)
+            self.ref_dir = K.reference_direction(ref_embeds)
         self.embedding = "clip_vision" if clip_vision is not None else "vae_latent"
-
-    def embed(self, images_bchw, latent=None):
-        if self.cv is not None:
-            return clip_vision_embed(self.cv, images_bchw)
-        return K.latent_embedding(vae_posterior_mean(self.vae, images_bchw))
 
     def _raw(self, x0):
         return self.base.process_latent_out(x0)
@@ -206,9 +207,16 @@ class Objective:
         raw = self._raw(x0)
         out = {}
         if semantic and self.w_sem:
-            out["semantic"] = K.semantic_loss(self.embed(vae_decode(self.vae, raw)), self.ref_dir)
+            if self.cv is not None:
+                emb = clip_vision_embed(self.cv, vae_decode(self.vae, raw))
+            else:
+                # The fallback embedding reads VAE posterior means. For a generated candidate the
+                # latent itself is what the encoder would return for its decoded image (up to the
+                # VAE's reconstruction error), so the decode / encode round trip is skipped.
+                emb = K.latent_embedding(raw)
+            out["semantic"] = K.semantic_loss(emb, self.ref_dir)
         if appearance and self.w_app:
-            out["appearance"] = K.appearance_loss(raw, self.ref_latent_mean)
+            out["appearance"] = K.appearance_loss(raw, self.ref_latents, self.appearance_target)
         return out
 
     def step_loss_fn(self, n_steps: int, semantic_steps: int = 3):
@@ -381,12 +389,17 @@ def _loss_inputs():
                                                  "references' mean embedding). SeedSelect: 10."}),
         "appearance_weight": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1000.0, "step": 0.1,
                                         "tooltip": "Weight of the appearance loss (MSE of the final "
-                                                   "latent to the references' mean VAE latent)."}),
+                                                   "latent to the references' VAE latents)."}),
+        "appearance_target": (["mean", "nearest"], {"default": "mean",
+                                                    "tooltip": "mean: the references' mean latent "
+                                                               "(SeedSelect). nearest: the closest "
+                                                               "single reference (sharper when the "
+                                                               "mean of different shapes is a blur)."}),
     }
 
 
 def _prepare(node, model, vae, latent, references, references_2, references_3, clip_vision,
-             semantic_weight, appearance_weight):
+             semantic_weight, appearance_weight, appearance_target="mean"):
     check_model(node, model, vae)
     latent = check_latent(node, model, latent)
     if semantic_weight <= 0 and appearance_weight <= 0:
@@ -400,7 +413,8 @@ def _prepare(node, model, vae, latent, references, references_2, references_3, c
         if p is not None:
             load_for_compute(p)
     try:
-        objective = Objective(model, vae, clip_vision, refs, semantic_weight, appearance_weight)
+        objective = Objective(model, vae, clip_vision, refs, semantic_weight, appearance_weight,
+                              appearance_target)
     except Exception as e:  # noqa: BLE001  (turn shape errors from the encoders into a clear message)
         raise fail(node, f"Encoding the references failed: {e}.",
                    "Check that the VAE (and CLIP vision model) belong to this model.") from e
@@ -464,10 +478,10 @@ class ConceptLabSeedSearch:
 
     def search(self, model, vae, positive, negative, latent, references, seed, cfg, iterations,
                search_steps, learning_rate, lr_drop_after, norm_regulariser, norm_weight, semantic_steps,
-               semantic_weight, appearance_weight, clip_vision=None, references_2=None, references_3=None,
-               unique_id=None, patience=3):
+               semantic_weight, appearance_weight, appearance_target="mean", clip_vision=None,
+               references_2=None, references_3=None, unique_id=None, patience=3):
         latent, objective = _prepare(SEARCH, model, vae, latent, references, references_2, references_3,
-                                     clip_vision, semantic_weight, appearance_weight)
+                                     clip_vision, semantic_weight, appearance_weight, appearance_target)
         samples = latent["samples"]
         z0 = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
         sigmas = schedule(model, search_steps)
@@ -518,10 +532,10 @@ class ConceptLabSeedRank:
         return {"required": req, "optional": _optional_inputs(), "hidden": {"unique_id": "UNIQUE_ID"}}
 
     def rank(self, model, vae, positive, negative, latent, references, seed, candidates, cfg, batch_size,
-             semantic_weight, appearance_weight, clip_vision=None, references_2=None, references_3=None,
-             unique_id=None):
+             semantic_weight, appearance_weight, appearance_target="mean", clip_vision=None,
+             references_2=None, references_3=None, unique_id=None):
         latent, objective = _prepare(RANK, model, vae, latent, references, references_2, references_3,
-                                     clip_vision, semantic_weight, appearance_weight)
+                                     clip_vision, semantic_weight, appearance_weight, appearance_target)
         samples = latent["samples"]
         b = samples.shape[0]
         seeds = [seed + i for i in range(candidates)]

@@ -80,7 +80,7 @@ def test_seed_search_workflow_through_sampler_custom_advanced(server, object_inf
                     "(set COMFYUI_PATH to ComfyUI 0.3.x)")
     prompt = _prompt("seed_select_then_custom_advanced.json", object_info)
     (search,) = _ids(prompt, "ConceptLabSeedSearch")
-    assert prompt[search]["inputs"]["iterations"] == 12
+    assert prompt[search]["inputs"]["iterations"] == 10
     prompt[search]["inputs"]["iterations"] = 2          # keep the test fast
     entry = server.run_prompt(prompt, timeout=300)
     assert cr.history_error(entry) is None, cr.history_error(entry)

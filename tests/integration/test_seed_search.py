@@ -36,7 +36,7 @@ def _conds(lab, clip, prompt="an eight", batch=2, size=64):
     return pos, neg, lat
 
 
-SEARCH_ARGS = dict(seed=7, cfg=3.0, iterations=4, search_steps=3, learning_rate=0.1, lr_drop_after=10,
+SEARCH_ARGS = dict(seed=7, cfg=3.0, iterations=3, search_steps=3, learning_rate=0.1, lr_drop_after=10,
                    norm_regulariser=True, norm_weight=1.0, semantic_steps=2, semantic_weight=10.0,
                    appearance_weight=1.0)
 
@@ -59,7 +59,7 @@ def test_search_lowers_the_objective_through_the_real_unet(lab, ss, demo):
     vae_guard.check("ConceptLab Seed Search (VAE)")
     res = node.last_result
     # a gradient reached the noise through the UNet and the VAE, and descending it helped
-    assert res.iterations == 4 and res.curve[-1] < res.curve[0], res.curve
+    assert res.iterations == 3 and res.curve[-1] < res.curve[0], res.curve
     assert bool((res.best_loss < res.curve[0] * 1.0001).all())
     import comfy.sample
     z0 = comfy.sample.prepare_noise(lat["samples"], 7)
@@ -67,7 +67,7 @@ def test_search_lowers_the_objective_through_the_real_unet(lab, ss, demo):
     assert z.shape == (2, 4, 8, 8) and not torch.equal(z, z0)
     # the norm prior keeps the noise near the Gaussian shell
     ratio = z.flatten(1).norm(dim=1) / z0.flatten(1).norm(dim=1)
-    assert bool(((ratio - 1).abs() < 0.1).all()), ratio
+    assert bool(((ratio - 1).abs() < 0.2).all()), ratio
     assert noise.seed == 7 and torch.equal(noise.generate_noise(lat), z)
     assert plot.shape == (1, 200, 320, 3) and float(plot.min()) < 0.5 < float(plot.max())
 
@@ -126,7 +126,7 @@ def test_dit_search_and_rank(lab, ss):
         model, clip, vae, _ = lab.demo.build_demo_model("digits_dit")
     guard = lab.runtime.ModelGuard.of(model)
     pos, neg, lat = _conds(lab, clip, batch=1)
-    node, (noise, noise_latent, _) = _search(ss, model, vae, pos, neg, lat, _refs(), iterations=3)
+    node, (noise, noise_latent, _) = _search(ss, model, vae, pos, neg, lat, _refs(), iterations=2, search_steps=2)
     res = node.last_result
     assert res.curve[-1] < res.curve[0], res.curve
     with torch.inference_mode():
@@ -157,7 +157,7 @@ def test_clip_vision_semantic_loss_is_differentiable(lab, ss, demo, tmp_path):
     cv = _tiny_clip_vision(tmp_path)
     cv_guard = lab.runtime.ModelGuard.of(cv.model)
     pos, neg, lat = _conds(lab, demo.clip, batch=1)
-    node, _ = _search(ss, demo.model, demo.vae, pos, neg, lat, _refs(), iterations=3, appearance_weight=0.0,
+    node, _ = _search(ss, demo.model, demo.vae, pos, neg, lat, _refs(), iterations=2, search_steps=2, appearance_weight=0.0,
                       clip_vision=cv)
     cv_guard.check("ConceptLab Seed Search (CLIP vision)")
     res = node.last_result

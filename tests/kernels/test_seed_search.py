@@ -34,10 +34,10 @@ def test_norm_penalty_is_zero_on_the_gaussian_shell_and_grows_off_it(S):
     on = direction * math.sqrt(d - 1)
     assert abs(float(S.norm_penalty(on))) < 1e-5
     for r in (0.5, 0.9, 1.1, 2.0):
-        assert float(S.norm_penalty(on * r)) > 1e-4
-    # a unit-variance sample is near the shell: small penalty
-    z = torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    assert float(S.norm_penalty(z).max()) < 0.01
+        assert float(S.norm_penalty(on * r)) > 1.0
+    # a unit-variance sample is near the shell: small penalty (chi noise, about 1/2 on average)
+    z = torch.randn(64, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert float(S.norm_penalty(z).mean()) < 2.0
     # the gradient points back to the shell
     z = (on * 1.5).requires_grad_(True)
     S.norm_penalty(z).sum().backward()
@@ -52,7 +52,9 @@ def test_semantic_and_appearance_losses(S):
     assert torch.allclose(S.semantic_loss(e, ref_dir), torch.tensor([0.0, 1.0]), atol=1e-6)
     lat = torch.zeros(2, 4, 2, 2)
     lat[1] += 2
-    assert torch.allclose(S.appearance_loss(lat, torch.ones(1, 4, 2, 2)), torch.tensor([1.0, 1.0]))
+    refs = torch.stack([torch.zeros(4, 2, 2), torch.full((4, 2, 2), 2.0)])
+    assert torch.allclose(S.appearance_loss(lat, refs), torch.tensor([1.0, 1.0]))
+    assert torch.allclose(S.appearance_loss(lat, refs, "nearest"), torch.tensor([0.0, 0.0]))
 
 
 def test_step_weights_follow_seedselect_and_renormalise(S):
@@ -163,7 +165,7 @@ def test_norm_prior_keeps_the_noise_on_the_shell(S):
     d = z0[0].numel()
     kw = dict(iterations=25, lr=0.3, lr_drop_after=100)
     free = S.optimise_noise(z0, to_x, denoise, sig, step_loss, norm_weight=0.0, **kw)
-    held = S.optimise_noise(z0, to_x, denoise, sig, step_loss, norm_weight=20.0, **kw)
+    held = S.optimise_noise(z0, to_x, denoise, sig, step_loss, norm_weight=1.0, **kw)
 
     def off_shell(z):
         return float((z.flatten(1).norm(dim=1) / math.sqrt(d) - 1).abs().mean())
