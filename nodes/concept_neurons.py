@@ -318,7 +318,7 @@ class ExtractSettings:
     budget_fraction: float = 0.004
     target_loss_ratio: float = 0.0          # 0: off; else stop at this x starting loss
     iterations: int = 40                    # gradient evaluations (rounds for iterative)
-    prior_weight: float = 1.0
+    prior_weight: float = 0.3
     prior_images: int = 8
     noise_draws: int = 4                    # noise/sigma draws per image per gradient
     rate: float = 0.1                       # accumulated procedure: multiplier step
@@ -431,15 +431,21 @@ class ConceptLoss:
     def __call__(self, multipliers: dict):
         """(loss, {name: dL/dm}) for weights ``theta * m``. ``dL/dm_i = theta_i * dL/dtheta'_i``,
         which is the Taylor score of weight i at the current point (times its multiplier)."""
+        return self.gradient(multipliers, lambda theta, m: theta * m)
+
+    def gradient(self, leaves: dict, combine) -> tuple:
+        """(loss, {name: dL/dleaf}) with each K/V weight replaced by ``combine(theta, leaf)``
+        (theta: the fp32 alias of the model's weight). Used with multipliers (the search) and
+        with additive deltas (the fine-tune baseline of the benchmark)."""
         with gradients_through(self.model, trainable=self.names) as view:
             x0, sigma, noise = self.batch()  # made here: outside inference mode
-            ms = {n: m.detach().clone().requires_grad_(True) for n, m in multipliers.items()}
-            values = {n: view.trainable[n] * ms[n].to(view.trainable[n].device, view.trainable[n].dtype)
+            ls = {n: m.detach().clone().requires_grad_(True) for n, m in leaves.items()}
+            values = {n: combine(view.trainable[n], ls[n].to(view.trainable[n].device, view.trainable[n].dtype))
                       for n in self.names}
             with substituted(self.base.diffusion_model, values):
                 loss = self.loss_on(x0, sigma, noise)
                 loss.backward()
-            grads = {n: ms[n].grad.detach().float().cpu() for n in self.names}
+            grads = {n: ls[n].grad.detach().float().cpu() for n in self.names}
         self.evaluations += 1
         return float(loss.detach()), grads
 
@@ -598,7 +604,7 @@ class ConceptLabConceptNeuronsExtract:
                                          "tooltip": "How many K/V weights may be shut, in percent of all candidates."}),
             "iterations": ("INT", {"default": 40, "min": 1, "max": 5000,
                                    "tooltip": "Gradient evaluations (rounds for the iterative procedure)."}),
-            "prior_weight": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 10.0, "step": 0.05,
+            "prior_weight": ("FLOAT", {"default": 0.3, "min": 0.0, "max": 10.0, "step": 0.05,
                                        "tooltip": "lambda: weight of the prior-preservation loss."}),
             "prior_images": ("INT", {"default": 8, "min": 0, "max": 64,
                                      "tooltip": "How many class images the model generates for prior preservation."}),
