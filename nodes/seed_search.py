@@ -34,7 +34,8 @@ import comfy.samplers
 
 from ..kernels import seed_search as K
 from ..kernels.autograd import activation_snapshots, differentiable_weights
-from ._runtime import Progress, check_interrupt, fail, gradients_through, load_for_compute, require_family
+from ._runtime import (Progress, check_interrupt, fail, gradients_through, interrupt_types, load_for_compute,
+                       require_family)
 
 SEARCH = "ConceptLab Seed Search (optimise)"
 RANK = "ConceptLab Seed Rank (best-of-N)"
@@ -415,6 +416,8 @@ def _prepare(node, model, vae, latent, references, references_2, references_3, c
     try:
         objective = Objective(model, vae, clip_vision, refs, semantic_weight, appearance_weight,
                               appearance_target)
+    except interrupt_types():
+        raise
     except Exception as e:  # noqa: BLE001  (turn shape errors from the encoders into a clear message)
         raise fail(node, f"Encoding the references failed: {e}.",
                    "Check that the VAE (and CLIP vision model) belong to this model.") from e

@@ -60,7 +60,7 @@ def test_search_lowers_the_objective_through_the_real_unet(lab, ss, demo):
     res = node.last_result
     # a gradient reached the noise through the UNet and the VAE, and descending it helped
     assert res.iterations == 3 and res.curve[-1] < res.curve[0], res.curve
-    assert bool((res.best_loss < res.curve[0] * 1.0001).all())
+    assert float(res.best_loss.mean()) <= res.curve[0] + 1e-4
     import comfy.sample
     z0 = comfy.sample.prepare_noise(lat["samples"], 7)
     z = noise_latent["samples"]
@@ -189,7 +189,7 @@ def test_clear_errors(lab, ss, demo):
     with pytest.raises(err, match=r"at most 10"):
         _search(ss, demo.model, demo.vae, pos, neg, lat, torch.rand(11, 64, 64, 3))
     with pytest.raises(err, match=node + r" The latent has shape \(1, 16, 8, 8\).*4-channel"):
-        _search(ss, demo.model, demo.vae, pos, neg, {"samples": torch.zeros(1, 16, 8, 8)}, refs)
+        _search(ss, demo.model, demo.vae, pos, neg, {"samples": torch.ones(1, 16, 8, 8)}, refs)
     with pytest.raises(err, match=r"\[ConceptLab Seed Rank \(best-of-N\)\] The 'model' input is a CLIP"):
         ss.ConceptLabSeedRank().rank(demo.clip, demo.vae, pos, neg, lat, refs, seed=0, candidates=2, cfg=3.0,
                                      batch_size=2, semantic_weight=1.0, appearance_weight=1.0)
