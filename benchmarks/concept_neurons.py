@@ -43,6 +43,8 @@ SD15_KV_WEIGHTS = 19_200_000
 
 def add_arguments(p) -> None:
     p.add_argument("--json", help="write the figures to this path")
+    p.add_argument("--model", default="digits_unet", choices=("digits_unet", "digits_dit"),
+                   help="demo model (digits_dit: SD3 MMDiT, text-stream K/V rows; needs COMFYUI_PATH=ComfyUI 0.3.x)")
     p.add_argument("--classes", default="3,7", help="subject classes (two for the two-subject test)")
     p.add_argument("--images", type=int, default=12, help="images per fidelity measurement")
     p.add_argument("--refs", type=int, default=6, help="reference images per subject")
@@ -72,7 +74,7 @@ class Bench:
         self.cfg = E.world_config_of(Path(demo.demo_weights_path("digits_unet")))
         self.judge = J.get_judge(self.cfg)
         with torch.inference_mode():
-            self.model, self.clip, self.vae, _ = demo.build_demo_model("digits_unet")
+            self.model, self.clip, self.vae, _ = demo.build_demo_model(args.model)
         self.guard = self.rt.ModelGuard.of(self.model)
         self.rng = np.random.default_rng(args.seed)
 
@@ -217,7 +219,9 @@ def run(args) -> dict:
     CN, S = b.CN, b.S
     classes = [int(c) for c in args.classes.split(",")]
     seed_eval = 1000 + args.seed
-    out = {"comfyui": cr.comfy_version(), "model": "digits_unet (SD1.x architecture, v-prediction)",
+    out = {"comfyui": cr.comfy_version(),
+           "model": {"digits_unet": "digits_unet (SD1.x architecture, v-prediction)",
+                     "digits_dit": "digits_dit (SD3 MMDiT, flow; text-stream K/V rows)"}[args.model],
            "procedure": args.procedure, "budget_fraction": args.budget, "iterations": args.iterations,
            "prior_weight": args.prior_weight, "images_per_measurement": args.images, "subjects": []}
     concepts, subjects = [], []
@@ -248,7 +252,7 @@ def run(args) -> dict:
         nbytes = CN.write_file(concept, str(path))
         index_bytes = sum(int(x.numel()) for x in concept.encoded().values())
         if args.save_demo:
-            dest = ROOT / "demo" / "concept_neurons" / f"digits_unet_{S.DIGIT_WORDS[cls]}_subject.safetensors"
+            dest = ROOT / "demo" / "concept_neurons" / f"{args.model}_{S.DIGIT_WORDS[cls]}_subject.safetensors"
             dest.parent.mkdir(parents=True, exist_ok=True)
             if dest.exists():
                 dest.unlink()
