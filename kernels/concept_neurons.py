@@ -16,8 +16,9 @@ integers per layer.
   multiplier by ``rate``), so the result does not hinge on the gradient's absolute scale.
 - Budget: a fraction of all candidate weights (never an absolute score threshold), optionally
   stopped early at a target loss (relative to the starting loss).
-- Storage: per layer, the sorted indices are delta-coded, split into little-endian byte planes
-  (all low bytes, then all next bytes, ...) and zlib-compressed; stored as a uint8 tensor.
+- Storage: per layer, the sorted indices are delta-coded (gaps), split into little-endian byte
+  planes (all low bytes, all next bytes, ...), each plane its own zlib stream (Huffman only);
+  stored as a uint8 tensor.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from typing import Callable, Iterable, Mapping, Optional
 import torch
 
 PROCEDURES = ("iterative", "accumulated")
-CODEC = "delta-byteplanes-zlib"
+CODEC = "delta-byteplanes-zlib-v2"
 
 GradFn = Callable[[Mapping[str, torch.Tensor]], tuple]
 """grad_fn(current_weights) -> (loss: float, grads: {name: tensor like the weight})."""
@@ -258,8 +259,17 @@ class CorruptIndices(ValueError):
     pass
 
 
+def _deflate(data: bytes) -> bytes:
+    # Huffman-only: the gap bytes of a sparse set are nearly random, LZ77 matching only adds cost
+    c = zlib.compressobj(9, zlib.DEFLATED, 15, 9, zlib.Z_HUFFMAN_ONLY)
+    return c.compress(data) + c.flush()
+
+
 def encode_indices(indices: torch.Tensor) -> torch.Tensor:
-    """Sorted unique int64 indices -> uint8 tensor: [width byte] + zlib(delta byte planes)."""
+    """Sorted unique int64 indices -> uint8 tensor: [width] then, per byte plane of the gaps (low
+    byte first), [stream length, 4 bytes little-endian] + its zlib stream. One stream per plane
+    lets each plane have its own Huffman code (the low plane is near-uniform, the high ones are
+    small numbers): about 1.2 bytes per index at a 0.4 % density, close to the gaps' entropy."""
     idx = indices.to(torch.int64).reshape(-1)
     if idx.numel() == 0:
         return torch.tensor([0], dtype=torch.uint8)
@@ -267,15 +277,30 @@ def encode_indices(indices: torch.Tensor) -> torch.Tensor:
         raise ValueError("indices must be sorted, unique and non-negative")
     deltas = torch.cat([idx[:1], idx[1:] - idx[:-1] - 1])  # gaps: 0 for adjacent indices
     width = max(1, (int(deltas.max()).bit_length() + 7) // 8)
-    planes = [((deltas >> (8 * b)) & 0xFF).to(torch.uint8) for b in range(width)]
-    raw = torch.cat(planes).numpy().tobytes()
-    blob = bytes([width]) + zlib.compress(raw, 9)
-    return torch.frombuffer(bytearray(blob), dtype=torch.uint8).clone()
+    out = bytearray([width])
+    for b in range(width):
+        stream = _deflate(((deltas >> (8 * b)) & 0xFF).to(torch.uint8).numpy().tobytes())
+        out += len(stream).to_bytes(4, "little") + stream
+    return torch.frombuffer(out, dtype=torch.uint8).clone()
+
+
+def _inflate_exact(stream: bytes, size: int) -> bytes:
+    try:
+        d = zlib.decompressobj()
+        raw = d.decompress(stream, size + 1)
+        if d.unconsumed_tail or not d.eof or d.unused_data:
+            raise CorruptIndices("compressed indices are truncated or longer than declared")
+    except zlib.error as e:
+        raise CorruptIndices(f"compressed indices do not decompress ({e})") from None
+    if len(raw) != size:
+        raise CorruptIndices(f"decompressed {len(raw)} bytes, expected {size}")
+    return raw
 
 
 def decode_indices(blob: torch.Tensor, count: int, numel: int) -> torch.Tensor:
     """Inverse of :func:`encode_indices`, validating everything: raises :class:`CorruptIndices`
-    for a wrong width, a zlib error, a size mismatch or an index outside ``[0, numel)``."""
+    for a wrong width, a zlib error or checksum failure, a size mismatch or an index outside
+    ``[0, numel)``. Never decompresses more than ``count`` bytes per plane."""
     if blob.dtype != torch.uint8 or blob.ndim != 1 or blob.numel() < 1:
         raise CorruptIndices("index blob is not a 1-D uint8 tensor")
     if count < 0 or count > numel:
@@ -288,20 +313,20 @@ def decode_indices(blob: torch.Tensor, count: int, numel: int) -> torch.Tensor:
         return torch.zeros(0, dtype=torch.int64)
     if not 1 <= width <= 8:
         raise CorruptIndices(f"bad delta width {width}")
-    expected = count * width
-    try:
-        d = zlib.decompressobj()
-        raw = d.decompress(data[1:], expected + 1)
-        if d.unconsumed_tail or not d.eof:
-            raise CorruptIndices("compressed indices are truncated or longer than declared")
-    except zlib.error as e:
-        raise CorruptIndices(f"compressed indices do not decompress ({e})") from None
-    if len(raw) != expected:
-        raise CorruptIndices(f"decompressed {len(raw)} bytes, expected {expected}")
-    planes = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(torch.int64).reshape(width, count)
     deltas = torch.zeros(count, dtype=torch.int64)
+    pos = 1
     for b in range(width):
-        deltas |= planes[b] << (8 * b)
+        if pos + 4 > len(data):
+            raise CorruptIndices("compressed indices are truncated")
+        n = int.from_bytes(data[pos:pos + 4], "little")
+        pos += 4
+        if n > len(data) - pos:
+            raise CorruptIndices("compressed indices are truncated")
+        raw = _inflate_exact(data[pos:pos + n], count)
+        pos += n
+        deltas |= torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(torch.int64) << (8 * b)
+    if pos != len(data):
+        raise CorruptIndices("trailing bytes after the compressed indices")
     if bool((deltas < 0).any()):
         raise CorruptIndices("negative gap")
     idx = torch.cumsum(deltas + 1, 0) - 1

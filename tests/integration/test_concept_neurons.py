@@ -172,7 +172,7 @@ def test_save_load_round_trip_never_overwrites(lab, cn, concept, folder):
     assert back.fingerprint == c.fingerprint and back.family == "sd1" and back.class_word == "a three"
     assert "shut: 180 of 45056" in info
     size = os.path.getsize(folder / r1)
-    assert size < 4096
+    assert size < 8192  # metadata (layer list, settings, statistics) is most of it
 
 
 def _refused(cn, name, *words):
