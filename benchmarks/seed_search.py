@@ -186,7 +186,7 @@ def memory_probe(spec: str, args) -> dict:
 def _probe(spec: str, argv_extra: list) -> dict:
     cmd = [sys.executable, "-m", "benchmarks", "seed-search", "--memory-probe", spec] + argv_extra
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    return json.loads(next(line for line in reversed(out.splitlines()) if line.startswith("{")))
 
 
 # ---------------------------------------------------------------------------------------------
