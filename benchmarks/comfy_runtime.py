@@ -347,6 +347,21 @@ def _ordered_inputs(info: dict) -> list[tuple[str, tuple]]:
     return out
 
 
+def _is_widget(spec: tuple) -> bool:
+    return bool(spec) and (isinstance(spec[0], list) or spec[0] in _WIDGET_TYPES)
+
+
+def _take_widget_value(values: list, name: str, spec: tuple):
+    """Pop one widget's value from ``widgets_values``, and the front end's extra
+    control_after_generate entry ("fixed", "randomize", ...) that follows a seed-like INT."""
+    value = values.pop(0)
+    opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    if spec[0] == "INT" and (name in ("seed", "noise_seed") or opts.get("control_after_generate")):
+        if values and values[0] in ("fixed", "increment", "decrement", "randomize"):
+            values.pop(0)
+    return value
+
+
 def ui_to_api(workflow: dict, object_info: dict) -> dict:
     """Convert a saved UI workflow (LiteGraph JSON) to the API prompt format, as the front end
     does when you press Queue. Widget values are matched to inputs by the node's input order."""
@@ -366,25 +381,16 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
         values = list(node.get("widgets_values", []) or [])
         if isinstance(node.get("widgets_values"), dict):
             values = []
+        converted = {i.get("name") for i in node.get("inputs", []) or [] if i.get("widget")}
         inputs = {}
         for name, spec in _ordered_inputs(object_info[ntype]):
             if name in linked:
                 inputs[name] = linked[name]
-                # a widget converted to an input still holds a slot in widgets_values
-                if spec and (isinstance(spec[0], list) or spec[0] in _WIDGET_TYPES) and node.get("widgets_values") \
-                        and any(i.get("name") == name and i.get("widget") for i in node.get("inputs", [])):
-                    values.pop(0) if values else None
+                # a widget converted to an input still holds its slot(s) in widgets_values
+                if _is_widget(spec) and name in converted and values:
+                    _take_widget_value(values, name, spec)
                 continue
-            if not spec:
-                continue
-            kind = spec[0]
-            if isinstance(kind, list) or kind in _WIDGET_TYPES:
-                if not values:
-                    continue
-                inputs[name] = values.pop(0)
-                opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
-                if kind == "INT" and (name in ("seed", "noise_seed") or opts.get("control_after_generate")):
-                    if values and values[0] in ("fixed", "increment", "decrement", "randomize"):
-                        values.pop(0)
+            if _is_widget(spec) and values:
+                inputs[name] = _take_widget_value(values, name, spec)
         prompt[str(node["id"])] = {"class_type": ntype, "inputs": inputs}
     return prompt

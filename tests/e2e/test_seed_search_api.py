@@ -2,7 +2,6 @@
 
 The workflows load their references with LoadImage; the test renders three held-out real
 digits (never seen in training) into the server's input folder under the names they use."""
-import copy
 import json
 from pathlib import Path
 
@@ -13,7 +12,6 @@ import conceptlab_comfy_runtime as cr  # the harness; tests/conftest.py loads it
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
-CONTROL = ("fixed", "increment", "decrement", "randomize")
 
 
 @pytest.fixture(scope="module")
@@ -33,16 +31,8 @@ def refs_in_input(server):
 
 
 def _prompt(name: str, object_info: dict) -> dict:
-    """The UI workflow converted with the harness's ui_to_api. A seed widget that is linked from
-    another node keeps its control_after_generate value in widgets_values (the front end never
-    sends it); it is dropped here first, because ui_to_api skips it only for unlinked seeds."""
-    wf = copy.deepcopy(json.loads((ROOT / "example_workflows" / name).read_text()))
-    for node in wf["nodes"]:
-        linked = [i["name"] for i in node.get("inputs", []) if i.get("widget") and i.get("link") is not None]
-        vals = node.get("widgets_values")
-        if "seed" in linked and isinstance(vals, list) and len(vals) > 1 and vals[1] in CONTROL:
-            del vals[1]
-    return cr.ui_to_api(wf, object_info)
+    """The UI workflow converted with the harness's ui_to_api, as the front end would queue it."""
+    return cr.ui_to_api(json.loads((ROOT / "example_workflows" / name).read_text()), object_info)
 
 
 def _ids(prompt, cls):

@@ -33,8 +33,9 @@ def test_pack_registers_v1_nodes_with_prefix_tooltips_and_descriptions(lab):
     for node_id, cls in maps.items():
         assert cls.DESCRIPTION and cls.CATEGORY.startswith("ConceptLab"), node_id
         assert hasattr(cls, cls.FUNCTION) and isinstance(cls.RETURN_TYPES, tuple), node_id
-        for section in cls.INPUT_TYPES().values():
-            for name, spec in section.items():
+        spec_all = cls.INPUT_TYPES()
+        for section in ("required", "optional"):      # "hidden" inputs (UNIQUE_ID, ...) have no widget
+            for name, spec in spec_all.get(section, {}).items():
                 assert len(spec) > 1 and spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
     # registered with ComfyUI itself, under the same ids
     for node_id in maps:
