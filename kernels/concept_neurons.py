@@ -132,6 +132,19 @@ def _check_theta(theta0: Mapping[str, torch.Tensor]) -> dict:
     return {n: t.detach().float() for n, t in theta0.items()}
 
 
+def _evaluate(res: "SearchResult", grad_fn: GradFn, current, step, target_loss_ratio) -> dict:
+    """One gradient evaluation of a search: record the loss, tick progress, and mark the search
+    stopped once the loss is at or below ``target_loss_ratio`` x the starting loss."""
+    loss, grads = grad_fn(current)
+    res.evaluations += 1
+    res.losses.append(float(loss))
+    if step:
+        step()
+    if target_loss_ratio is not None and len(res.losses) > 1 and loss <= target_loss_ratio * res.losses[0]:
+        res.stopped_early = True
+    return grads
+
+
 def iterative_shutting(theta0: Mapping[str, torch.Tensor], grad_fn: GradFn, count: int, rounds: int,
                        candidates: Optional[Mapping[str, Optional[torch.Tensor]]] = None,
                        target_loss_ratio: Optional[float] = None,
@@ -146,13 +159,8 @@ def iterative_shutting(theta0: Mapping[str, torch.Tensor], grad_fn: GradFn, coun
     done = 0
     for _ in range(max(rounds, 1)):
         current = {n: theta0[n].masked_fill(shut[n], 0.0) for n in theta0}
-        loss, grads = grad_fn(current)
-        res.evaluations += 1
-        res.losses.append(float(loss))
-        if step:
-            step()
-        if target_loss_ratio is not None and len(res.losses) > 1 and loss <= target_loss_ratio * res.losses[0]:
-            res.stopped_early = True
+        grads = _evaluate(res, grad_fn, current, step, target_loss_ratio)
+        if res.stopped_early:
             break
         take = min(per_round, count - done)
         if take <= 0:
@@ -185,13 +193,8 @@ def accumulated_scaledown(theta0: Mapping[str, torch.Tensor], grad_fn: GradFn, c
     res = SearchResult(indices={})
     for _ in range(max(iterations, 1)):
         current = {n: theta0[n] * mult[n] for n in theta0}
-        loss, grads = grad_fn(current)
-        res.evaluations += 1
-        res.losses.append(float(loss))
-        if step:
-            step()
-        if target_loss_ratio is not None and len(res.losses) > 1 and loss <= target_loss_ratio * res.losses[0]:
-            res.stopped_early = True
+        grads = _evaluate(res, grad_fn, current, step, target_loss_ratio)
+        if res.stopped_early:
             break
         s = taylor_scores(theta0, grads)
         peak = 0.0
