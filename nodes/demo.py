@@ -6,6 +6,12 @@ They let every Concept Lab capability run, and be measured, on a CPU with nothin
   ``unet_config``, v-prediction), a tiny CLIP text encoder (ComfyUI's ``SDClipModel`` with
   ComfyUI's shipped CLIP tokenizer) and a tiny ``AutoencoderKL`` VAE (8x downscale, 4 latent
   channels, so ComfyUI's stock EmptyLatentImage / VAEDecode work unchanged).
+* ``digits_vision``: a CLIP_VISION model for the same world: ComfyUI's own CLIP vision transformer
+  (``comfy.clip_vision.ClipVisionModel``, 64 px input, 8 px patches, 3 layers 64 wide) trained to
+  embed a digit image by its class (a cosine classifier on the projected embedding, trained on
+  the world's training handwriting only). It stands in for a real CLIP vision model wherever a
+  node takes CLIP_VISION (Seed Search's semantic loss; ComfyUI 0.3.x's own CLIPVisionEncode,
+  which reads the input size from the config; the 2024 snapshot's always resizes to 224 px).
 * ``digits_dit``: ComfyUI's SD3 MMDiT (joint text/image attention, rectified flow) with patch
   size 1 on the same latents, sharing the text encoder and VAE of ``digits_unet``. It needs a
   ComfyUI with SD3 classes (0.3.x); older ones get a clear error.
@@ -38,6 +44,7 @@ PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_DIR = os.path.join(PACK_ROOT, "demo")
 
 TEXT_CONFIG = os.path.join(DEMO_DIR, "clip_tiny.json")
+VISION_CONFIG = os.path.join(DEMO_DIR, "digits_vision.json")
 TEXT_DIM = 64
 
 UNET_CONFIG = {
@@ -265,8 +272,35 @@ def build_demo_model(key: str = "digits_unet", directory: str | None = None):
     return model, clip, vae, info
 
 
+def build_demo_clip_vision(directory: str | None = None):
+    """(CLIP_VISION, info) of the digits world: ComfyUI's ``ClipVisionModel`` with the tiny
+    ``demo/digits_vision.json`` config and the weights of ``demo/digits_vision.safetensors``."""
+    import comfy.clip_vision
+    import safetensors.torch
+
+    cv = comfy.clip_vision.ClipVisionModel(VISION_CONFIG)
+    path = demo_weights_path("digits_vision", directory)
+    trained = os.path.isfile(path)
+    if trained:
+        sd = _split(safetensors.torch.load_file(path), "vision.")
+        missing, unexpected = cv.load_sd(sd)
+        if missing or unexpected:
+            raise fail("ConceptLab Load Demo CLIP Vision",
+                       f"{path} does not match the demo CLIP vision config (missing {list(missing)[:3]}, "
+                       f"unexpected {list(unexpected)[:3]}).",
+                       "Restore the shipped file, or retrain it with python -m benchmarks train --model vision.")
+    else:
+        with torch.no_grad():
+            _seeded_init_(cv.model, 4)
+        log.warning("ConceptLab: demo CLIP vision model has no trained weights at %s; using a seeded "
+                    "untrained initialisation (architecture preview only).", path)
+    info = {"name": "digits_vision", "trained": trained, "weights": path if trained else None,
+            "config": os.path.basename(VISION_CONFIG)}
+    return cv, info
+
+
 # --------------------------------------------------------------------------------------------
-# node
+# nodes
 # --------------------------------------------------------------------------------------------
 class ConceptLabLoadDemoModel:
     DESCRIPTION = ("Loads one of Concept Lab's bundled demo models (tiny, CPU-friendly, nothing to "
@@ -301,5 +335,30 @@ class ConceptLabLoadDemoModel:
         return (model, clip, vae, json.dumps(info))
 
 
-NODE_CLASS_MAPPINGS = {"ConceptLabLoadDemoModel": ConceptLabLoadDemoModel}
-NODE_DISPLAY_NAME_MAPPINGS = {"ConceptLabLoadDemoModel": "ConceptLab Load Demo Model"}
+class ConceptLabLoadDemoCLIPVision:
+    DESCRIPTION = ("Loads the digits world's bundled CLIP vision model (tiny, nothing to download): "
+                   "ComfyUI's own CLIP vision transformer, trained on the world's training handwriting "
+                   "so that its image embedding tells the ten digits apart. Connect it wherever a "
+                   "CLIP_VISION goes, for example to ConceptLab Seed Search / Seed Rank (their semantic "
+                   "loss compares it against the references) or to ComfyUI 0.3.x's CLIPVisionEncode (older "
+                   "ComfyUI resizes every image to 224 px there and cannot run it). It only understands "
+                   "digits-world images (64x64, coloured digits on black).")
+    CATEGORY = "ConceptLab/demo"
+    FUNCTION = "load"
+    RETURN_TYPES = ("CLIP_VISION", "STRING")
+    RETURN_NAMES = ("clip_vision", "info")
+    OUTPUT_TOOLTIPS = ("The demo CLIP vision model.", "JSON describing which weights were loaded.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    def load(self):
+        cv, info = build_demo_clip_vision()
+        return (cv, json.dumps(info))
+
+
+NODE_CLASS_MAPPINGS = {"ConceptLabLoadDemoModel": ConceptLabLoadDemoModel,
+                       "ConceptLabLoadDemoCLIPVision": ConceptLabLoadDemoCLIPVision}
+NODE_DISPLAY_NAME_MAPPINGS = {"ConceptLabLoadDemoModel": "ConceptLab Load Demo Model",
+                              "ConceptLabLoadDemoCLIPVision": "ConceptLab Load Demo CLIP Vision"}

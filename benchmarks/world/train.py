@@ -24,8 +24,16 @@ weights load back into ComfyUI unchanged):
    (``nodes.demo.DIT_CONFIG``) trained with the rectified-flow objective of SD3 (logit-normal
    times), on the latents of the trained UNet model's VAE and with its text encoder frozen.
 
+4. **CLIP vision** (``--model vision``) — ComfyUI's CLIP vision transformer with the tiny
+   ``demo/digits_vision.json`` config (64 px input, 8 px patches: one token per latent pixel), trained as a cosine classifier of the ten digits on its
+   projected, L2-normalised image embedding (class prototypes, scale 16), on one-digit scenes of
+   the *training* handwriting (random colour, position, scale, blur, noise and contrast, so that
+   generated images read like real ones). The prototypes are dropped afterwards: what ships is the
+   embedding, whose cosine to a class's references is Seed Search's semantic loss. The held-out
+   writers and the judge (an SVM on other features) are never used.
+
 Weights go to ``demo/digits_unet.safetensors`` (UNet, text encoder, VAE) and
-``demo/digits_dit.safetensors`` (MMDiT only), fp16, with the configs, world settings and training
+``demo/digits_dit.safetensors`` (MMDiT only) and ``demo/digits_vision.safetensors``, fp16, with the configs, world settings and training
 figures in the safetensors metadata.
 """
 from __future__ import annotations
@@ -478,6 +486,143 @@ def _train_dit_model(args, demo, t_all: float) -> dict:
     return meta["training"] | {"file": str(out), "bytes": size}
 
 
+# ------------------------------------------------------------------------------------------------
+# stage 4: CLIP vision (a digits-world stand-in for a real CLIP image encoder)
+# ------------------------------------------------------------------------------------------------
+def one_digit_scenes(cfg: S.WorldConfig, n: int, seed: int) -> tuple:
+    """``n`` one-digit training scenes, classes uniform: (uint8 N x H x W x 3, int64 labels)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, size=n)
+    images = np.stack([S.make_scene(rng, cfg, classes=[int(c)]).image for c in labels])
+    return images, torch.from_numpy(labels).long()
+
+
+def augment_for_vision(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Generated-looking variants of clean scenes ``(B, 3, H, W)`` in [0, 1]: a random Gaussian blur
+    (sigma 0..1.2 px), contrast 0.6..1.1, additive noise (std 0..0.04)."""
+    b = x.shape[0]
+    sig = torch.rand(b, generator=g) * 1.2
+    r = torch.arange(-2, 3, dtype=x.dtype)
+    k = torch.exp(-r[None] ** 2 / (2 * sig[:, None].clamp_min(1e-3) ** 2))
+    k = k / k.sum(1, keepdim=True)                                        # (B, 5)
+    c = x.shape[1]
+    xb = x.reshape(1, b * c, *x.shape[2:])
+    kk = k.repeat_interleave(c, 0)
+    xb = torch.nn.functional.conv2d(torch.nn.functional.pad(xb, (2, 2, 0, 0), mode="replicate"),
+                                    kk.view(b * c, 1, 1, 5), groups=b * c)
+    xb = torch.nn.functional.conv2d(torch.nn.functional.pad(xb, (0, 0, 2, 2), mode="replicate"),
+                                    kk.view(b * c, 1, 5, 1), groups=b * c)
+    x = xb.view_as(x)
+    x = x * (0.6 + 0.5 * torch.rand(b, 1, 1, 1, generator=g))
+    x = x + torch.randn(x.shape, generator=g) * (0.04 * torch.rand(b, 1, 1, 1, generator=g))
+    return x.clamp(0, 1)
+
+
+def train_vision(cv, images: np.ndarray, labels: torch.Tensor, seconds: float, batch: int = 64,
+                 lr: float = 1e-3, scale: float = 16.0) -> dict:
+    """Cosine-classifier training of a ComfyUI ``ClipVisionModel``'s projected embedding."""
+    K = cr.pack_module("kernels.seed_search")
+    snapshots = cr.pack_module("kernels.autograd").activation_snapshots
+    model = cv.model
+    size = cr.pack_module("nodes.seed_search").clip_vision_size(cv)
+    model.to(torch.float32).train()
+    protos = torch.nn.Parameter(torch.randn(10, model.visual_projection.weight.shape[0]) * 0.1)
+    params = [p for p in model.parameters()] + [protos]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    ema = EMA(model.parameters(), 0.995)
+    g = torch.Generator().manual_seed(0)
+    x_all = torch.from_numpy(images).permute(0, 3, 1, 2)
+    n = len(labels)
+    t0, step, losses, correct = time.time(), 0, [], []
+    while (elapsed := time.time() - t0) < seconds:
+        for grp in opt.param_groups:
+            grp["lr"] = _lr_at(lr, step, elapsed / seconds, warmup=100)
+        idx = torch.randint(0, n, (batch,), generator=g)
+        x = augment_for_vision(x_all[idx].float() / 255.0, g)
+        px = K.preprocess_for_vision(x, size, CLIP_MEAN, CLIP_STD)
+        with snapshots(params):  # ComfyUI's CLIP layers add residuals in place
+            emb = model(pixel_values=px, intermediate_output=-2)[2]
+        logits = scale * torch.nn.functional.normalize(emb, dim=-1) @ torch.nn.functional.normalize(protos, dim=-1).T
+        loss = torch.nn.functional.cross_entropy(logits, labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema.update()
+        losses.append(float(loss))
+        correct.append(float((logits.argmax(1) == labels[idx]).float().mean()))
+        if step % 100 == 0:
+            _log(f"vision step {step}: loss {np.mean(losses[-100:]):.4f}, train acc {np.mean(correct[-100:]):.3f}")
+        step += 1
+    ema.copy_to_params()
+    model.eval()
+    return {"steps": step, "final_loss": round(float(np.mean(losses[-100:])), 4),
+            "train_accuracy": round(float(np.mean(correct[-100:])), 4)}
+
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@torch.no_grad()
+def vision_prototype_accuracy(cv, images: np.ndarray, labels: torch.Tensor, ref_images: np.ndarray,
+                              ref_labels: torch.Tensor) -> float:
+    """Nearest-class-mean accuracy of ``images`` with class means from ``ref_images``
+    (the way Seed Search uses the embedding: cosine to the mean of a few references)."""
+    K = cr.pack_module("kernels.seed_search")
+    size = cr.pack_module("nodes.seed_search").clip_vision_size(cv)
+
+    def embed(ims):
+        out = []
+        for i in range(0, len(ims), 256):
+            x = torch.from_numpy(ims[i:i + 256]).permute(0, 3, 1, 2).float() / 255.0
+            px = K.preprocess_for_vision(x, size, CLIP_MEAN, CLIP_STD)
+            out.append(torch.nn.functional.normalize(cv.model(pixel_values=px, intermediate_output=-2)[2].float(), dim=-1))
+        return torch.cat(out)
+
+    e, r = embed(images), embed(ref_images)
+    means = torch.stack([torch.nn.functional.normalize(r[ref_labels == c].mean(0), dim=0) for c in range(10)])
+    return float(((e @ means.T).argmax(1) == labels).float().mean())
+
+
+def _train_vision_model(args, demo, t_all: float) -> dict:
+    import comfy.clip_vision
+    from . import evaluate as E
+    shared = Path(args.out) / "digits_unet.safetensors"
+    cfg = E.world_config_of(shared) if shared.is_file() else _world(args)
+    _log(f"world: rare classes {cfg.rare_classes}, seed {cfg.seed}; making {args.scenes} one-digit scenes")
+    images, labels = one_digit_scenes(cfg, args.scenes, cfg.seed + 7)
+    with torch.no_grad():
+        cv = comfy.clip_vision.ClipVisionModel(demo.VISION_CONFIG)
+    _default_init_(cv.model)
+    with torch.no_grad():
+        emb = cv.model.vision_model.embeddings
+        emb.class_embedding.normal_(0, 0.02)
+        emb.position_embedding.weight.normal_(0, 0.02)
+    t1 = time.time()
+    seconds = max(10.0, args.minutes * 60 - (time.time() - t_all) - 60)
+    stats = train_vision(cv, images, labels, seconds=seconds, batch=args.batch, lr=args.vision_lr)
+    # held-out writers: never seen in training; class means from 3 held-out samples per class
+    rng = np.random.default_rng(1)
+    held, held_lab, refs, ref_lab = [], [], [], []
+    for c in range(10):
+        pool = S.heldout_indices(cfg, c)
+        for j, i in enumerate(pool[:23]):
+            sc = S.compose_scene(cfg, [S.DigitSpec(int(i), cfg.colour_names[int(rng.integers(len(cfg.palette)))],
+                                                   S.POSITIONS[int(rng.integers(3))])], rng=rng).image
+            (refs if j < 3 else held).append(sc)
+            (ref_lab if j < 3 else held_lab).append(c)
+    acc = vision_prototype_accuracy(cv, np.stack(held), torch.tensor(held_lab), np.stack(refs), torch.tensor(ref_lab))
+    _log(f"vision: held-out writers, nearest mean of 3 references: accuracy {acc:.3f}")
+    meta = {"world": asdict(cfg), "vision_config": json.loads(Path(demo.VISION_CONFIG).read_text()),
+            "training": {"one_digit_scenes": args.scenes, "seconds": round(time.time() - t1), "seed": args.seed,
+                         **stats, "heldout_nearest_mean_accuracy": round(acc, 4)}}
+    out = Path(args.out) / "digits_vision.safetensors"
+    size = save_demo(out, {"vision.": cv.model}, meta)
+    _log(f"saved {out} ({size / 1e6:.2f} MB); total {time.time() - t_all:.0f}s")
+    return meta["training"] | {"file": str(out), "bytes": size}
+
+
 def main(args) -> dict:
     torch.manual_seed(args.seed)
     cr.bootstrap(pytorch_attention=True)
@@ -485,13 +630,16 @@ def main(args) -> dict:
     t_all = time.time()
     if args.model == "dit":
         return _train_dit_model(args, demo, t_all)
+    if args.model == "vision":
+        return _train_vision_model(args, demo, t_all)
     return _train_unet_model(args, demo, t_all)
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", choices=("unet", "dit"), default="unet",
+    p.add_argument("--model", choices=("unet", "dit", "vision"), default="unet",
                    help="unet: VAE + text encoder + SD1.x UNet; dit: the SD3 MMDiT on the unet model's "
-                        "VAE and text encoder (needs COMFYUI_PATH to ComfyUI 0.3.x)")
+                        "VAE and text encoder (needs COMFYUI_PATH to ComfyUI 0.3.x); vision: the digits "
+                        "world's CLIP vision model")
     p.add_argument("--world-seed", type=int, default=0, help="seed of the world (scenes, writer split)")
     p.add_argument("--rare", type=int, nargs="+", default=[8, 9], help="the rare classes")
     p.add_argument("--scenes", type=int, default=20000)
@@ -505,5 +653,6 @@ def add_arguments(p) -> None:
     p.add_argument("--batch", type=int, default=48)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--dit-lr", type=float, default=1e-3)
+    p.add_argument("--vision-lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "demo"))
