@@ -43,15 +43,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def add_arguments(p) -> None:
     p.add_argument("--json", help="write the figures to this path")
-    p.add_argument("--trials", type=int, default=6, help="starting noises per class")
+    p.add_argument("--trials", type=int, default=10, help="starting noises per class")
     p.add_argument("--refs", type=int, default=3, help="reference digits per class")
-    p.add_argument("--iterations", type=int, default=10)
-    p.add_argument("--search-steps", type=int, default=5)
+    p.add_argument("--iterations", type=int, default=40)
+    p.add_argument("--search-steps", type=int, default=10)
     p.add_argument("--semantic-steps", type=int, default=1)
-    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--lr", type=float, default=0.3)
     p.add_argument("--lr-drop-after", type=int, default=100)
     p.add_argument("--norm-weight", type=float, default=0.1)
-    p.add_argument("--semantic-weight", type=float, default=1.0)
+    p.add_argument("--semantic-weight", type=float, default=10.0)
     p.add_argument("--appearance-weight", type=float, default=1.0)
     p.add_argument("--appearance-target", default="nearest", choices=("mean", "nearest"))
     p.add_argument("--steps", type=int, default=20, help="steps of the final stock sampling")
@@ -59,19 +59,29 @@ def add_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=1000)
     p.add_argument("--classes", type=int, nargs="*", default=None, help="default: the world's rare classes")
     p.add_argument("--models-dir", default=None)
+    p.add_argument("--embedding", choices=("clip_vision", "vae"), default="clip_vision",
+                   help="semantic embedding: the digits world's demo CLIP vision model "
+                        "(ConceptLab Load Demo CLIP Vision), or the nodes' fallback without CLIP_VISION "
+                        "(the VAE encoder's latent)"),
     p.add_argument("--no-memory", action="store_true", help="skip the memory probes")
     p.add_argument("--memory-probe", default="", help=argparse.SUPPRESS)
 
 
-def _setup(models_dir):
+def _setup(args):
     cr.bootstrap()
     demo = cr.pack_module("nodes.demo")
     ss = cr.pack_module("nodes.seed_search")
-    path = Path(demo.demo_weights_path("digits_unet", models_dir))
+    path = Path(demo.demo_weights_path("digits_unet", args.models_dir))
     wcfg = E.world_config_of(path) if path.is_file() else S.WorldConfig()
     with torch.inference_mode():
-        model, clip, vae, _ = demo.build_demo_model("digits_unet", models_dir)
-    return demo, ss, wcfg, model, clip, vae
+        model, clip, vae, _ = demo.build_demo_model("digits_unet", args.models_dir)
+    cv = None
+    if args.embedding == "clip_vision":
+        cv, info = demo.build_demo_clip_vision(args.models_dir)
+        if not info["trained"]:
+            raise SystemExit("the demo CLIP vision weights are missing (demo/digits_vision.safetensors); "
+                             "train them with python -m benchmarks train --model vision, or use --embedding vae")
+    return demo, ss, wcfg, model, clip, vae, cv
 
 
 def _encode(clip, cls, batch):
@@ -108,7 +118,7 @@ def _ksampler(model, vae, seed, pos, neg, lat, steps, cfg):
 
 
 def _search_args(args, norm: bool) -> dict:
-    return dict(cfg=args.cfg, iterations=args.iterations, search_steps=args.search_steps,
+    return dict(cfg=args.cfg, clip_vision=args.clip_vision, iterations=args.iterations, search_steps=args.search_steps,
                 learning_rate=args.lr, lr_drop_after=args.lr_drop_after, norm_regulariser=norm,
                 norm_weight=args.norm_weight, semantic_steps=args.semantic_steps,
                 semantic_weight=args.semantic_weight, appearance_weight=args.appearance_weight,
@@ -119,7 +129,8 @@ def _rank(ss, model, vae, pos, neg, lat, refs, seed, n, args):
     node = ss.ConceptLabSeedRank()
     with torch.inference_mode():
         best, _ = node.rank(model, vae, pos, neg, lat, refs, seed=seed, candidates=n, cfg=args.cfg,
-                            batch_size=32, semantic_weight=args.semantic_weight,
+                            batch_size=32, clip_vision=args.clip_vision,
+                            semantic_weight=args.semantic_weight,
                             appearance_weight=args.appearance_weight, appearance_target=args.appearance_target)
     return best
 
@@ -163,7 +174,7 @@ class _PeakRSS:
 
 
 def memory_probe(spec: str, args) -> dict:
-    demo, ss, wcfg, model, clip, vae = _setup(args.models_dir)
+    demo, ss, wcfg, model, clip, vae, args.clip_vision = _setup(args)
     cls = int(wcfg.rare_classes[0])
     pos, neg, lat = _encode(clip, cls, 1)
     refs, _ = references(wcfg, cls, args.refs)
@@ -198,7 +209,7 @@ def run(args) -> dict:
         print(json.dumps(res))
         return res
     torch.manual_seed(0)
-    demo, ss, wcfg, model, clip, vae = _setup(args.models_dir)
+    demo, ss, wcfg, model, clip, vae, args.clip_vision = _setup(args)
     judge = J.get_judge(wcfg)
     classes = list(args.classes or wcfg.rare_classes)
     guard = cr.pack_module("nodes._runtime").ModelGuard.of(model)
@@ -270,13 +281,14 @@ def run(args) -> dict:
         "seconds_seedselect_per_trial": round(float(np.mean(t_search)), 2),
         "seconds_best_of_n_per_trial": round(float(np.mean(t_rank)), 2),
         "model_unchanged": True,
-        "settings": {k: v for k, v in vars(args).items() if k not in ("json", "memory_probe")},
+        "embedding": args.embedding,
+        "settings": {k: v for k, v in vars(args).items() if k not in ("json", "memory_probe", "clip_vision")},
         "per_class": per_class,
     }
     if not args.no_memory:
         extra = []
         for k in ("iterations", "search_steps", "semantic_steps", "steps", "refs", "lr", "norm_weight",
-                  "semantic_weight", "appearance_weight", "appearance_target"):
+                  "semantic_weight", "appearance_weight", "appearance_target", "embedding"):
             extra += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
         mem = {m: _probe(m, extra) for m in ("plain", "search", "rank")}
         base = max(mem["plain"]["peak_rss_delta_mb"], 1e-3)
