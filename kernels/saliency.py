@@ -236,6 +236,171 @@ def blur3x3(maps: torch.Tensor) -> torch.Tensor:
     return F.avg_pool2d(x, 3, stride=1).reshape(b, c, h, w)
 
 
+def _window_sum(x: torch.Tensor, radius: int, dim: int) -> torch.Tensor:
+    """Sum over [i - r, i + r] (cut at the ends) along ``dim``, by a running sum: O(1) a pixel."""
+    n = x.shape[dim]
+    c = torch.cumsum(x, dim=dim)
+    c = torch.cat((torch.zeros_like(c.narrow(dim, 0, 1)), c), dim=dim)      # c[j] = sum x[:j]
+    idx = torch.arange(n, device=x.device)
+    hi = (idx + radius + 1).clamp(max=n)
+    lo = (idx - radius).clamp(min=0)
+    return c.index_select(dim, hi) - c.index_select(dim, lo)
+
+
+def box_mean(x: torch.Tensor, radius: int) -> torch.Tensor:
+    """Mean over a (2r+1) x (2r+1) window of each (H, W) plane of (..., H, W); windows are cut
+    at the border (the mean is over the pixels inside the image). Cost does not grow with r."""
+    if radius <= 0:
+        return x
+    h, w = x.shape[-2:]
+    ones = torch.ones(h, w, dtype=x.dtype, device=x.device)
+    count = _window_sum(_window_sum(ones, radius, -2), radius, -1)
+    return _window_sum(_window_sum(x, radius, -2), radius, -1) / count
+
+
+def guided_filter(maps: torch.Tensor, guide: torch.Tensor, radius: int,
+                  eps: float = 1e-2) -> torch.Tensor:
+    """Edge-aware refinement of coarse maps by an image: He, Sun and Tang's guided filter
+    (ECCV 2010 / TPAMI 2013), colour-guide form.
+
+    In every (2r+1)^2 window the output is modelled as an affine function of the guide's colour,
+    ``q = a . I + b``, fitted by ridge-regularised least squares to the input map ``p``
+    (``eps`` is the ridge weight, in the guide's squared units); each pixel averages the fits
+    of the windows that cover it. Where the map changes inside a window, the output follows the
+    guide's edges there; flat guide regions get the window's mean map. Nothing in it knows what
+    is foreground: it transfers image edges to the map, as CAM refinement by guided filtering
+    or CRFs does in weakly supervised segmentation.
+
+    maps: (B, C, H, W); guide: (B, H, W, K) (ComfyUI's IMAGE layout; K = 3 for RGB, 1 for
+    grey), values in about [0, 1]. Returns (B, C, H, W) float32."""
+    p = maps.float()
+    g = guide.float().permute(0, 3, 1, 2)                                  # (B, K, H, W)
+    if g.shape[0] != p.shape[0] or g.shape[-2:] != p.shape[-2:]:
+        raise ValueError(f"guide is {tuple(guide.shape)}, maps are {tuple(maps.shape)}")
+    b, k = g.shape[:2]
+    mean_i = box_mean(g, radius)                                           # (B, K, H, W)
+    mean_p = box_mean(p, radius)                                           # (B, C, H, W)
+    ip = g.unsqueeze(1) * p.unsqueeze(2)                                   # (B, C, K, H, W)
+    cov_ip = box_mean(ip, radius) - mean_i.unsqueeze(1) * mean_p.unsqueeze(2)
+    ii = g.unsqueeze(1) * g.unsqueeze(2)                                   # (B, K, K, H, W)
+    sigma = box_mean(ii, radius) - mean_i.unsqueeze(1) * mean_i.unsqueeze(2)
+    sigma = sigma + eps * torch.eye(k, dtype=sigma.dtype, device=sigma.device).view(1, k, k, 1, 1)
+    a = _solve_spd(sigma, cov_ip)                                         # (B, C, K, H, W)
+    bias = mean_p - (a * mean_i.unsqueeze(1)).sum(2)
+    return (box_mean(a, radius) * g.unsqueeze(1)).sum(2) + box_mean(bias, radius)
+
+
+def _solve_spd(sigma: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """Per-pixel solution of sigma x = rhs: sigma (B, K, K, H, W) symmetric positive definite,
+    rhs (B, C, K, H, W). K = 1 and 3 in closed form (elementwise, fast on large images)."""
+    k = sigma.shape[1]
+    if k == 1:
+        return rhs / sigma[:, :1, 0].unsqueeze(1)
+    if k == 3:
+        s00, s01, s02 = sigma[:, 0, 0], sigma[:, 0, 1], sigma[:, 0, 2]
+        s11, s12, s22 = sigma[:, 1, 1], sigma[:, 1, 2], sigma[:, 2, 2]
+        c00, c01, c02 = s11 * s22 - s12 * s12, s02 * s12 - s01 * s22, s01 * s12 - s02 * s11
+        c11, c12, c22 = s00 * s22 - s02 * s02, s01 * s02 - s00 * s12, s00 * s11 - s01 * s01
+        det = (s00 * c00 + s01 * c01 + s02 * c02).unsqueeze(1)
+        r0, r1, r2 = rhs[:, :, 0], rhs[:, :, 1], rhs[:, :, 2]
+        inv = [[c00, c01, c02], [c01, c11, c12], [c02, c12, c22]]
+        return torch.stack([(inv[i][0].unsqueeze(1) * r0 + inv[i][1].unsqueeze(1) * r1
+                             + inv[i][2].unsqueeze(1) * r2) / det for i in range(3)], dim=2)
+    out = torch.linalg.solve(sigma.permute(0, 3, 4, 1, 2).unsqueeze(1),   # (B, 1, H, W, K, K)
+                             rhs.permute(0, 1, 3, 4, 2).unsqueeze(-1))     # (B, C, H, W, K, 1)
+    return out.squeeze(-1).permute(0, 1, 4, 2, 3)
+
+
+def _gaussian_affinity(feats: torch.Tensor) -> torch.Tensor:
+    """exp(-|f_i - f_j|^2 / 2) for all pixel pairs, zero diagonal, symmetrically normalised
+    (D^-1/2 K D^-1/2, the default of the reference dense-CRF implementation), so a message
+    is a weighted average of the other pixels' labels and the weights do not depend on the
+    image size. feats: (N, F). Returns (N, N)."""
+    sq = (feats * feats).sum(1)
+    k = torch.exp(-0.5 * (sq[:, None] + sq[None, :] - 2.0 * feats @ feats.T).clamp(min=0))
+    k.fill_diagonal_(0.0)
+    d = k.sum(1).clamp(min=1e-12).rsqrt()
+    return k * d[:, None] * d[None, :]
+
+
+def dense_crf(maps: torch.Tensor, image: torch.Tensor, background: float = 0.5,
+              iterations: int = 5, spatial: float = 0.3, colour: float = 0.05,
+              appearance_weight: float = 10.0, smoothness_weight: float = 1.0,
+              max_side: int = 64) -> torch.Tensor:
+    """Refine coarse concept maps by the image with a fully connected CRF (Kraehenbuehl and
+    Koltun, NeurIPS 2011), the standard refinement of class-activation maps in weakly
+    supervised segmentation (e.g. DeepLab v1, SEC, AffinityNet).
+
+    Labels are 'background' and each concept. Unary: the normalised maps as the concepts'
+    scores and ``background`` as the background's score (a pixel is labelled by the largest
+    score before refinement, so ``background`` plays the role of the mask threshold), made
+    probabilities and taken as -log. Pairwise (Potts), with kernels symmetrically normalised:
+    an appearance kernel (pixels within about ``spatial`` x the image side of each other and
+    of similar colour, ``colour`` in 0..1 units, want the same label) and a smoothness kernel
+    (neighbours within a few pixels). Mean-field inference, ``iterations`` rounds, exact sums
+    over all pixel pairs at a working size whose longer side is at most ``max_side`` (the maps
+    come from a latent grid far coarser than that; the pair matrix then takes 64 MB); the
+    result is upsampled and edge-aligned to the full image by :func:`guided_filter`.
+
+    maps: (B, C, H, W) in [0, 1]; image: (B, H, W, 3) in [0, 1]. Returns (B, C, H, W): each
+    concept's marginal probability (a pixel is that concept's where it is >= 0.5)."""
+    b, c, h, w = maps.shape
+    scale = min(1.0, max_side / max(h, w))
+    hh, ww = max(1, round(h * scale)), max(1, round(w * scale))
+    img = image[..., :3].float().permute(0, 3, 1, 2)
+    small_img = img if (hh, ww) == (h, w) else F.interpolate(img, size=(hh, ww), mode="area")
+    small = maps.float() if (hh, ww) == (h, w) else F.interpolate(
+        maps.float(), size=(hh, ww), mode="bilinear", align_corners=False)
+    dev = maps.device
+    ys, xs = torch.meshgrid(torch.arange(hh, dtype=torch.float32, device=dev),
+                            torch.arange(ww, dtype=torch.float32, device=dev), indexing="ij")
+    pos = torch.stack((ys, xs), -1).reshape(-1, 2)
+    theta = max(spatial * max(hh, ww), 1e-3)
+    smooth = _gaussian_affinity(pos / max(1.0, 0.03 * max(hh, ww))) if smoothness_weight else None
+    out = []
+    for i in range(b):
+        scores = torch.cat((torch.full((1, hh, ww), float(background), device=dev),
+                            small[i].clamp(0, 1)))
+        prob = scores.clamp(min=1e-4)
+        unary = -torch.log(prob / prob.sum(0, keepdim=True)).reshape(c + 1, -1).T   # (N, L)
+        rgb = small_img[i].reshape(3, -1).T
+        kernel = appearance_weight * _gaussian_affinity(
+            torch.cat((pos / theta, rgb / max(colour, 1e-4)), 1))
+        if smooth is not None:
+            kernel = kernel + smoothness_weight * smooth
+        q = torch.softmax(-unary, 1)
+        for _ in range(iterations):
+            q = torch.softmax(-unary + kernel @ q, 1)
+        out.append(q.T.reshape(c + 1, hh, ww)[1:])
+    q = torch.stack(out)
+    if (hh, ww) != (h, w):
+        q = F.interpolate(q, size=(h, w), mode="bilinear", align_corners=False)
+        q = guided_filter(q, image[..., :3], radius=max(1, round(1 / scale)), eps=1e-3).clamp(0, 1)
+    return q
+
+
+REFINE_METHODS = ("crf", "guided", "none")
+REFINE_DEFAULT = "crf"
+
+
+def refine_maps(maps: torch.Tensor, image: torch.Tensor,
+                method: str = REFINE_DEFAULT) -> torch.Tensor:
+    """Image-guided refinement of normalised (B, C, H, W) maps at image resolution, with the
+    (B, H, W, 3) image in [0, 1] as the guide. Returns maps in [0, 1].
+
+    crf: :func:`dense_crf` with its defaults (each concept's probability). guided:
+    :func:`guided_filter` with a window of a third of the image side and a small ridge weight
+    (1e-4), renormalised. none: the maps unchanged."""
+    if method == "none":
+        return maps
+    if method == "crf":
+        return dense_crf(maps, image)
+    if method == "guided":
+        radius = max(1, max(maps.shape[-2:]) // 3)
+        return normalise(guided_filter(maps, image[..., :3], radius, eps=1e-4))
+    raise ValueError(f"unknown refine method {method!r}; expected one of {REFINE_METHODS}")
+
+
 def otsu_threshold(values: torch.Tensor, bins: int = 64) -> float:
     """Otsu's threshold of values in [0, 1]."""
     hist = torch.histc(values.float().flatten(), bins=bins, min=0.0, max=1.0)

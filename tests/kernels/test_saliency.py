@@ -90,3 +90,70 @@ def test_normalise_colormap_and_figures(S):
     a = torch.tensor([[1, 1], [0, 0]])
     b = torch.tensor([[1, 0], [0, 0]])
     assert S.iou(a, b) == 0.5 and S.pixel_accuracy(a, b) == 0.75
+
+
+def test_box_mean_is_a_border_cut_window_mean(S):
+    torch.manual_seed(2)
+    x = torch.rand(2, 3, 9, 13)
+    ref = torch.nn.functional.avg_pool2d(x.reshape(-1, 1, 9, 13), 5, stride=1, padding=2,
+                                         count_include_pad=False).reshape(x.shape)
+    assert torch.allclose(S.box_mean(x, 2), ref, atol=1e-5)
+    assert torch.allclose(S.box_mean(x, 50), x.mean((-2, -1), keepdim=True).expand_as(x), atol=1e-5)
+
+
+def test_guided_filter_follows_the_guide_edges(S):
+    # a coarse blob over a thin red stroke on black: the filter keeps the stroke and lowers
+    # the black pixels around it; a flat guide gives the box mean of the box means
+    img = torch.zeros(1, 32, 32, 3)
+    img[0, 8:24, 15:17] = torch.tensor([1.0, 0.2, 0.1])
+    coarse = torch.zeros(1, 1, 4, 4)
+    coarse[0, 0, 1:3, 1:3] = 1.0
+    up = S.resize(coarse, 32, 32)
+    q = S.guided_filter(up, img, radius=8, eps=1e-3)
+    assert q[0, 0, 16, 15] > 0.8 and q[0, 0, 16, 11] < 0.5 * up[0, 0, 16, 11]
+    flat = S.guided_filter(up, torch.full((1, 32, 32, 3), 0.5), radius=2, eps=1e-2)
+    assert torch.allclose(flat, S.box_mean(S.box_mean(up, 2), 2), atol=1e-5)
+    sig = torch.rand(2, 3, 3, 5, 5)
+    sig = sig + sig.transpose(1, 2) + 3 * torch.eye(3).view(1, 3, 3, 1, 1)
+    rhs = torch.rand(2, 4, 3, 5, 5)
+    ref = torch.linalg.solve(sig.permute(0, 3, 4, 1, 2).unsqueeze(1),
+                             rhs.permute(0, 1, 3, 4, 2).unsqueeze(-1))
+    assert torch.allclose(S._solve_spd(sig, rhs), ref.squeeze(-1).permute(0, 1, 4, 2, 3), atol=1e-5)
+
+
+def _two_strokes():
+    """A red and a blue stroke on grey, and the truth mask of each."""
+    img = torch.full((1, 32, 32, 3), 0.3)
+    img[0, 6:26, 7:9] = torch.tensor([0.9, 0.1, 0.1])
+    img[0, 6:26, 23:25] = torch.tensor([0.1, 0.2, 0.9])
+    truth = torch.zeros(2, 32, 32, dtype=torch.bool)
+    truth[0, 6:26, 7:9] = True
+    truth[1, 6:26, 23:25] = True
+    return img, truth
+
+
+def test_dense_crf_snaps_coarse_maps_to_the_strokes(S):
+    img, truth = _two_strokes()
+    # coarse maps that each cover one stroke's neighbourhood, as latent-grid maps do
+    coarse = torch.zeros(1, 2, 4, 4)
+    coarse[0, 0, 1:3, 0:2] = 1.0
+    coarse[0, 1, 1:3, 2:4] = 1.0
+    maps = S.normalise(S.resize(coarse, 32, 32))
+    raw_iou = [S.iou(maps[0, j] >= 0.5, truth[j]) for j in range(2)]
+    q = S.dense_crf(maps, img)
+    assert q.shape == maps.shape and 0 <= q.min() and q.max() <= 1
+    crf_iou = [S.iou(q[0, j] >= 0.5, truth[j]) for j in range(2)]
+    assert all(c > 0.7 for c in crf_iou) and all(c > r + 0.3 for c, r in zip(crf_iou, raw_iou))
+    # a larger image is solved at the working size and upsampled: same masks, scaled
+    big = torch.nn.functional.interpolate(img.permute(0, 3, 1, 2), scale_factor=4,
+                                          mode="nearest").permute(0, 2, 3, 1)
+    qb = S.dense_crf(S.resize(maps, 128, 128), big, max_side=32)
+    assert qb.shape == (1, 2, 128, 128)
+    small = torch.nn.functional.avg_pool2d((qb >= 0.5).float(), 4) >= 0.5
+    assert S.iou(small[0, 0], truth[0]) > 0.6
+    for method in S.REFINE_METHODS:
+        out = S.refine_maps(maps, img, method)
+        assert out.shape == maps.shape and 0 <= out.min() and out.max() <= 1
+    assert torch.equal(S.refine_maps(maps, img, "none"), maps)
+    with pytest.raises(ValueError):
+        S.refine_maps(maps, img, "nope")
