@@ -201,6 +201,52 @@ def test_clip_vision_semantic_loss_is_differentiable(lab, ss, demo, demo_cv):
     assert text.startswith("embedding: clip_vision")
 
 
+def _tiny_model(lab, family):
+    """A tiny SD2.x (linear projections, v-prediction) or SDXL (ADM from a pooled text vector and
+    size embeddings) UNet from ComfyUI's own config classes, random weights."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+    cfg = dict(lab.demo.UNET_CONFIG, use_linear_in_transformer=True)
+    if family == "sd2":
+        mc = comfy.supported_models.SD20(cfg)
+        mc.unet_config.update(num_head_channels=16, num_heads=-1)
+    else:
+        cfg.update(adm_in_channels=64 + 6 * 256, num_classes="sequential")  # pooled text (64) + 6 size embeddings
+        mc = comfy.supported_models.SDXL(cfg)
+        mc.unet_config.update(num_head_channels=16, num_heads=-1)
+    import comfy.model_base as mb
+    with torch.inference_mode():
+        base = mb.BaseModel(mc, model_type=mb.ModelType.V_PREDICTION) if family == "sd2" else mc.get_model({})
+        g = torch.Generator().manual_seed(1)
+        for q in base.diffusion_model.parameters():
+            q.copy_(torch.randn(q.shape, generator=g) * 0.05)
+    return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_search_and_rank_on_sd2_and_sdxl_models(lab, ss, demo, demo_cv, family):
+    """Both nodes run on SD2.x- and SDXL-configured UNets (SDXL's conditioning carries a pooled
+    vector; ComfyUI builds the ADM input from it), lower the objective, and leave the model unchanged."""
+    model = _tiny_model(lab, family)
+    assert lab.runtime.model_family(model) == family
+    guard = lab.runtime.ModelGuard.of(model)
+    pos, neg, lat = _conds(lab, demo.clip, batch=1)
+    if family == "sdxl":
+        pos = [[c, dict(d, pooled_output=torch.randn(1, 64, generator=torch.Generator().manual_seed(2)))] for c, d in pos]
+        neg = [[c, dict(d, pooled_output=torch.zeros(1, 64))] for c, d in neg]
+    node, _ = _search(ss, model, demo.vae, pos, neg, lat, _refs(), iterations=3, search_steps=2,
+                      clip_vision=demo_cv)
+    assert node.last_result.curve[-1] < node.last_result.curve[0], node.last_result.curve
+    with torch.inference_mode():
+        best, text = ss.ConceptLabSeedRank().rank(model, demo.vae, pos, neg, lat, _refs(), seed=0, candidates=3,
+                                                  cfg=3.0, batch_size=3, semantic_weight=10.0,
+                                                  appearance_weight=1.0, clip_vision=demo_cv)
+    assert best in (0, 1, 2) and text.startswith("embedding: clip_vision")
+    guard.check(f"ConceptLab Seed Search / Rank ({family})")
+
+
 def test_references_of_other_sizes_are_resized(ss):
     small, big = torch.rand(2, 32, 32, 3), torch.rand(1, 96, 80, 4)
     refs = ss.gather_references("n", [("references", small), ("references_2", big), ("references_3", None)], 64, 64)
