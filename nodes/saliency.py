@@ -595,9 +595,12 @@ class Saliency:
 
     words: list
     method: str
-    maps: torch.Tensor               # (B, C, H, W), each map normalised to [0, 1]
+    maps: torch.Tensor               # (B, C, H, W) in [0, 1]: refined if 'refine' is not none
     threshold_mode: str = "fixed"
     threshold: float = 0.5
+    refine: str = "none"
+    coarse: Optional[torch.Tensor] = None    # (B, C, H, W) the unrefined maps, normalised
+    images: Optional[torch.Tensor] = None    # (B, H, W, 3) the images the maps belong to
 
     def index(self, word: str) -> int:
         w = word.strip().lower()
@@ -623,17 +626,37 @@ _THRESHOLD_INPUTS = {
                    "protocol); otsu: Otsu's threshold; fixed: above 'threshold'; argmax: the "
                    "pixel goes to the strongest concept, if that map is above 'threshold'."}),
     "threshold": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
-                            "tooltip": "Used by 'fixed' and 'argmax'. Maps are normalised to "
-                                       "0..1 (DAAM's paper used 0.4; small objects want more)."}),
+                            "tooltip": "Used by 'fixed' and 'argmax'. Maps are 0..1 (raw maps "
+                                       "normalised; with refine = crf, each concept's "
+                                       "probability). DAAM's paper used 0.4 on raw maps."}),
 }
+
+_REFINE_TOOLTIP = (
+    "Image-guided refinement of the coarse (latent-grid) maps, using the decoded image. crf: a "
+    "fully connected CRF (the standard refinement of attention / class-activation maps in "
+    "weakly supervised segmentation): background plus one label per word, pixels close by and "
+    "of similar colour want the same label; maps become each word's probability. guided: He et "
+    "al.'s guided filter (edges of the image transferred to the map; cheaper). none: the raw "
+    "maps, upsampled.")
+
+
+def image_maps(raw: torch.Tensor, rgb: torch.Tensor, blur: bool, refine: str) -> tuple:
+    """(coarse, maps) at image resolution from a recording's (B, C, h, w) latent-grid maps:
+    optional 3x3 blur, each map normalised, upsampled (bilinear) and normalised again
+    (``coarse``), then refined with the (B, H, W, 3) images as the guide (``maps``).
+    ConceptLab Saliency Maps and the benchmark both use this."""
+    grid = K.blur3x3(raw) if blur else raw
+    coarse = K.normalise(K.resize(K.normalise(grid), rgb.shape[1], rgb.shape[2]))
+    return coarse, K.refine_maps(coarse, rgb, refine)
 
 
 class ConceptLabSaliencyMaps:
     DESCRIPTION = (
         "Turns a saliency recording into per-word heat maps for the decoded image: a SALIENCY "
         "object for downstream nodes, colour-mapped overlays (one per image and word, image-"
-        "major) and masks (same order). The node shows an interactive viewer: pick a word and "
-        "slide the threshold.")
+        "major) and masks (same order). The coarse attention maps are refined with the image "
+        "by default (a fully connected CRF; 'refine'), so masks follow the objects' edges. The "
+        "node shows an interactive viewer: pick a word and slide the threshold.")
     CATEGORY = "ConceptLab/saliency"
     FUNCTION = "maps"
     OUTPUT_NODE = True
@@ -651,12 +674,15 @@ class ConceptLabSaliencyMaps:
                                             "the capture model (this also makes the node run "
                                             "after the sampler)."}),
             **_THRESHOLD_INPUTS,
-            "blur": ("BOOLEAN", {"default": True,
+            "blur": ("BOOLEAN", {"default": False,
                                  "tooltip": "3x3 blur of the latent-grid maps before upsampling "
-                                            "(smoother masks)."}),
+                                            "(smoother raw masks; with a refinement it only "
+                                            "blunts the maps, so it is off by default)."}),
+            "refine": (list(K.REFINE_METHODS), {"default": K.REFINE_DEFAULT,
+                                                "tooltip": _REFINE_TOOLTIP}),
         }}
 
-    def maps(self, recording, images, threshold_mode, threshold, blur):
+    def maps(self, recording, images, threshold_mode, threshold, blur, refine=K.REFINE_DEFAULT):
         if not isinstance(recording, SaliencyRecording):
             raise fail(MAPS, f"'recording' is a {type(recording).__name__}.",
                        "Connect the 'recording' output of ConceptLab Saliency Capture.")
@@ -668,17 +694,20 @@ class ConceptLabSaliencyMaps:
                        "its start/end percent.")
         if not torch.is_tensor(images) or images.ndim != 4 or images.shape[-1] not in (3, 4):
             raise fail(MAPS, "'images' is not an IMAGE batch.", "Connect a VAE Decode output.")
-        b, height, width = images.shape[0], images.shape[1], images.shape[2]
+        b = images.shape[0]
         if raw.shape[0] != b:
             raise fail(MAPS, f"The recording has {raw.shape[0]} image(s), 'images' has {b}.",
                        "Decode the latents of the same sampler run that used the capture model.")
-        grid = K.blur3x3(raw) if blur else raw
-        maps = K.normalise(K.resize(K.normalise(grid), height, width))
-        masks = K.masks_from_maps(maps, threshold_mode, threshold)
+        if refine not in K.REFINE_METHODS:
+            raise fail(MAPS, f"Unknown refine method '{refine}'.",
+                       f"Use one of: {', '.join(K.REFINE_METHODS)}.")
         rgb = images[..., :3].detach().float().cpu()
+        coarse, maps = image_maps(raw, rgb, blur, refine)
+        masks = K.masks_from_maps(maps, threshold_mode, threshold)
         overlays = torch.stack([K.overlay(rgb[i], maps[i, j]) for i in range(b)
                                 for j in range(len(recording.words))])
-        sal = Saliency(list(recording.words), recording.method, maps, threshold_mode, threshold)
+        sal = Saliency(list(recording.words), recording.method, maps, threshold_mode, threshold,
+                       refine, coarse, rgb)
         ui = {"concept_lab_saliency": [self._viewer_payload(sal, rgb)]}
         return {"ui": ui, "result": (sal, overlays, masks.flatten(0, 1))}
 
@@ -710,9 +739,15 @@ class ConceptLabMaskFromConcept:
             **_THRESHOLD_INPUTS,
             "grow": ("INT", {"default": 0, "min": 0, "max": 64,
                              "tooltip": "Dilate the mask by this many pixels (for inpainting)."}),
+            "refine": (["as saliency maps"] + list(K.REFINE_METHODS), {
+                "default": "as saliency maps",
+                "tooltip": "as saliency maps: the maps exactly as 'ConceptLab Saliency Maps' "
+                           "made them. Otherwise refine the unrefined maps again here. "
+                           + _REFINE_TOOLTIP}),
         }}
 
-    def mask(self, saliency, concept, threshold_mode, threshold, grow):
+    def mask(self, saliency, concept, threshold_mode, threshold, grow,
+             refine="as saliency maps"):
         if not isinstance(saliency, Saliency):
             raise fail(MASK_NODE, f"'saliency' is a {type(saliency).__name__}.",
                        "Connect the 'saliency' output of ConceptLab Saliency Maps.")
@@ -723,7 +758,16 @@ class ConceptLabMaskFromConcept:
                        f"{', '.join(saliency.words)}).",
                        "Type one of the recorded words, or add it to the capture's concepts.") \
                 from None
-        masks = K.masks_from_maps(saliency.maps, threshold_mode, threshold)[:, j]
+        maps = saliency.maps
+        if refine != "as saliency maps" and refine != saliency.refine:
+            if refine not in K.REFINE_METHODS:
+                raise fail(MASK_NODE, f"Unknown refine method '{refine}'.",
+                           f"Use 'as saliency maps' or one of: {', '.join(K.REFINE_METHODS)}.")
+            if saliency.coarse is None or saliency.images is None:
+                raise fail(MASK_NODE, "This SALIENCY carries no unrefined maps to refine.",
+                           "Set refine to 'as saliency maps', or re-run ConceptLab Saliency Maps.")
+            maps = K.refine_maps(saliency.coarse, saliency.images, refine)
+        masks = K.masks_from_maps(maps, threshold_mode, threshold)[:, j]
         if grow:
             masks = torch.nn.functional.max_pool2d(masks.unsqueeze(1), 2 * grow + 1, stride=1,
                                                    padding=grow).squeeze(1)

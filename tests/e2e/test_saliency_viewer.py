@@ -205,9 +205,10 @@ def test_saliency_viewer_runs_switches_and_survives_reload(tmp_path, monkeypatch
 
             # The viewer is not a node input: nothing in the prompt, nothing in widgets_values.
             saved = page.evaluate(SAVED_NODE_JS, node_id)
-            assert sorted(saved["prompt_inputs"]) == ["blur", "images", "recording", "threshold",
-                                                      "threshold_mode"], saved
-            assert [v for v in saved["widgets_values"] if v is not None] == ["fixed", 0.5, True], saved
+            assert sorted(saved["prompt_inputs"]) == ["blur", "images", "recording", "refine",
+                                                      "threshold", "threshold_mode"], saved
+            assert [v for v in saved["widgets_values"] if v is not None] == [
+                "fixed", 0.5, False, "crf"], saved
             props = saved["properties"]["conceptlab_saliency"]
             assert len(json.dumps(props)) < 4000, "the saved viewer state should stay small"
 

@@ -147,3 +147,41 @@ def test_conceptattention_leaves_the_dit_image_bit_identical(lab, sal):
     assert overlay.shape == (6, 64, 64, 3) and masks.shape == (6, 64, 64)
     payload = out["ui"]["concept_lab_saliency"][0]
     assert payload["words"] == ["seven", "two", "red"] and len(payload["maps"][0]) == 3
+
+
+def test_image_guided_refinement_fits_the_masks_to_the_digits(lab, sal, demo):
+    # DAAM maps live on the 8x8 latent grid; refined with the decoded image (crf, the default;
+    # guided filter), the masks must fit the judge's digit masks better than the raw maps do
+    from benchmarks.world import judge as J
+    model, rec = _capture(sal, demo.model, demo.clip)
+    img = _sample(lab, model, demo.clip, demo.vae, n=4)
+    node = sal.ConceptLabSaliencyMaps()
+    req = node.INPUT_TYPES()["required"]
+    assert req["refine"][1]["default"] == "crf" and req["blur"][1]["default"] is False
+    out = {r: node.maps(rec, img, "fixed", 0.5, False, r)["result"]
+           for r in ("none", "crf", "guided")}
+    ious = {r: [] for r in out}
+    for i in range(4):
+        for d in J.find_digits((img[i].numpy() * 255).round().astype(np.uint8)):
+            if d.word in rec.words:
+                truth = torch.from_numpy(d.mask)
+                for r, (_, _, masks) in out.items():
+                    m = masks[i * 2 + rec.words.index(d.word)].bool()
+                    ious[r].append(float((m & truth).sum() / (m | truth).sum().clamp(min=1)))
+    mean = {r: float(np.mean(v)) for r, v in ious.items()}
+    assert len(ious["none"]) >= 4 and mean["crf"] > mean["none"] + 0.1, mean
+    assert mean["guided"] > mean["none"], mean
+    sal_crf = out["crf"][0]
+    assert sal_crf.refine == "crf" and torch.equal(sal_crf.images, img[..., :3].float())
+    # Mask From Concept: the maps as refined, or the unrefined maps refined again here
+    mfc = sal.ConceptLabMaskFromConcept()
+    (m_same,) = mfc.mask(sal_crf, "seven", "fixed", 0.5, 0, "as saliency maps")
+    (m_crf,) = mfc.mask(sal_crf, "seven", "fixed", 0.5, 0, "crf")
+    (m_none,) = mfc.mask(sal_crf, "seven", "fixed", 0.5, 0, "none")
+    assert torch.equal(m_same, out["crf"][2][0::2]) and torch.equal(m_crf, m_same)
+    assert torch.equal(m_none, out["none"][2][0::2])
+    err = lab.runtime.ConceptLabError
+    with pytest.raises(err, match=r"\[ConceptLab Saliency Maps\] Unknown refine method 'sharp'"):
+        node.maps(rec, img, "fixed", 0.5, False, "sharp")
+    with pytest.raises(err, match=r"\[ConceptLab Mask From Concept\] Unknown refine method"):
+        mfc.mask(sal_crf, "seven", "fixed", 0.5, 0, "sharp")
