@@ -6,10 +6,14 @@ ComfyUI's stock KSampler, with the sampler's MODEL coming from ConceptLab Salien
 concepts are the caption's digit words. The ground truth is the judge's mask of each generated
 digit it finds whose class is one of the caption's words.
 
-Segmentation protocol (the same for every method): each map is normalised to 0..1 at image
-resolution (blurred 3x3 on the latent grid first, the nodes' default), and the mask is
-``map >= 0.5`` (the nodes' default, ``fixed``). The ConceptAttention paper's protocol (above the
-map's mean) is reported beside it as ``*_mean_threshold``.
+Segmentation protocols (the same for every method), see :func:`pipelines`:
+- headline (``miou_*``): ConceptLab Saliency Maps with its default widgets, i.e. each latent-grid
+  map normalised and upsampled to the image, refined with the decoded image as the guide (a
+  fully connected CRF, ``kernels.saliency.dense_crf``), and the mask is ``map >= 0.5``;
+- ``*_raw``: no refinement (the earlier default): blur 3x3 on the latent grid, normalise,
+  upsample, ``map >= 0.5``;
+- ``*_raw_mean_threshold``: the raw map above its own mean (the ConceptAttention paper's
+  zero-shot protocol).
 
 Figures: mIoU and pixel accuracy per method, the capture overhead (sampling wall time with
 capture / without, median of interleaved repeats, one run; timed with torch pinned to one thread,
@@ -74,23 +78,35 @@ def _capture(sal, model, clip, prompt, words, method="auto", compare=()):
     return patched, rec
 
 
-def _segmentation(K, J, judge, rec, img, names):
-    """Per method: IoU and pixel accuracy of each judged digit, under both protocols."""
+def pipelines(sal) -> dict:
+    """Name suffix -> (blur, refine, threshold mode, threshold) of each scored pipeline. The
+    headline ('') is ConceptLab Saliency Maps with its default widgets; '_raw' is the earlier
+    default (3x3 blur, no refinement), '_raw_mean_threshold' the same maps above their mean
+    (the ConceptAttention paper's zero-shot protocol)."""
+    req = sal.ConceptLabSaliencyMaps.INPUT_TYPES()["required"]
+    default = (req["blur"][1]["default"], req["refine"][1]["default"],
+               req["threshold_mode"][1]["default"], req["threshold"][1]["default"])
+    return {"": default, "_raw": (True, "none", "fixed", 0.5),
+            "_raw_mean_threshold": (True, "none", "mean", 0.0)}
+
+
+def _segmentation(K, J, judge, sal, rec, img, names):
+    """Per method and pipeline: IoU and pixel accuracy of each judged digit."""
     out = {}
-    h, w = img.shape[1], img.shape[2]
     for i in range(img.shape[0]):
-        dets = J.find_digits((img[i].numpy() * 255).round().astype(np.uint8), judge)
-        for d in dets:
-            if d.word not in rec.words:
-                continue
-            j = rec.words.index(d.word)
-            truth = torch.from_numpy(d.mask)
-            for name in names:
-                grid = K.blur3x3(rec.result(name)[i:i + 1])
-                maps = K.normalise(K.resize(K.normalise(grid), h, w))
-                for proto, mode, thr in (("", "fixed", 0.5), ("_mean_threshold", "mean", 0.0)):
-                    mask = K.masks_from_maps(maps, mode, thr)[0, j]
-                    r = out.setdefault(name + proto, {"iou": [], "acc": []})
+        dets = [d for d in J.find_digits((img[i].numpy() * 255).round().astype(np.uint8), judge)
+                if d.word in rec.words]
+        if not dets:
+            continue
+        for name in names:
+            raw = rec.result(name)[i:i + 1]
+            for suffix, (blur, refine, mode, thr) in pipelines(sal).items():
+                _, maps = sal.image_maps(raw, img[i:i + 1, ..., :3].float(), blur, refine)
+                masks = K.masks_from_maps(maps, mode, thr)[0]
+                r = out.setdefault(name + suffix, {"iou": [], "acc": []})
+                for d in dets:
+                    truth = torch.from_numpy(d.mask)
+                    mask = masks[rec.words.index(d.word)]
                     r["iou"].append(K.iou(mask, truth))
                     r["acc"].append(K.pixel_accuracy(mask, truth))
     return out
@@ -146,7 +162,7 @@ def measure_model(key: str, args) -> dict:
         for pi, (prompt, words) in enumerate([] if args.overhead_only else prompts):
             patched, rec = _capture(sal, model, clip, prompt, words, compare=names[1:])
             img, _ = _sample(patched, clip, vae, prompt, args.images, 1000 + pi, args.steps, cfg)
-            for name, r in _segmentation(K, J, judge, rec, img, names).items():
+            for name, r in _segmentation(K, J, judge, sal, rec, img, names).items():
                 s = seg.setdefault(name, {"iou": [], "acc": []})
                 s["iou"] += r["iou"]
                 s["acc"] += r["acc"]
@@ -199,10 +215,15 @@ def run(args) -> dict:
         return res
     cr.bootstrap()
     demo = cr.pack_module("nodes.demo")
+    sal = cr.pack_module("nodes.saliency")
     keys = ["digits_unet"] + (["digits_dit"] if demo.has_mmdit() else [])
     res = {"comfyui": cr.comfy_version(), "scenes": args.scenes, "images_per_scene": args.images,
-           "steps": args.steps, "protocol": "map normalised to 0..1, mask = map >= 0.5 "
-                                            "(*_mean_threshold: map > its mean)"}
+           "steps": args.steps,
+           "protocol": {"headline (miou_*, pixel_acc_*)": "ConceptLab Saliency Maps' default "
+                        "pipeline: blur %s, refine '%s', threshold %s %s" % pipelines(sal)[""],
+                        "*_raw": "no image-guided refinement: 3x3 blur of the latent-grid map, "
+                                 "bilinear upsampling, normalised, mask = map >= 0.5",
+                        "*_raw_mean_threshold": "the raw map, mask = map > its mean"}}
     for key in keys:
         r = measure_model(key, args)
         if not args.overhead_only:
@@ -212,14 +233,15 @@ def run(args) -> dict:
     if "digits_dit" not in res:
         res["digits_dit"] = {"skipped": f"{cr.comfy_version()} has no SD3 MMDiT classes"}
     unet, dit = res["digits_unet"], res["digits_dit"]
-    if "miou_daam" in unet:
-        res["miou_daam_unet"] = unet["miou_daam"]
-        res["pixel_acc_daam_unet"] = unet["pixel_acc_daam"]
-    if "miou_conceptattention" in dit:
-        res["miou_conceptattention_dit"] = dit["miou_conceptattention"]
-        res["miou_crossattn_dit"] = dit["miou_crossattention"]
-        res["pixel_acc_conceptattention_dit"] = dit["pixel_acc_conceptattention"]
-        res["pixel_acc_crossattn_dit"] = dit["pixel_acc_crossattention"]
+    for suffix in ("", "_raw", "_raw_mean_threshold"):
+        if f"miou_daam{suffix}" in unet:
+            res[f"miou_daam_unet{suffix}"] = unet[f"miou_daam{suffix}"]
+            res[f"pixel_acc_daam_unet{suffix}"] = unet[f"pixel_acc_daam{suffix}"]
+        if f"miou_conceptattention{suffix}" in dit:
+            for name, short in (("conceptattention", "conceptattention"),
+                                ("crossattention", "crossattn")):
+                res[f"miou_{short}_dit{suffix}"] = dit[f"miou_{name}{suffix}"]
+                res[f"pixel_acc_{short}_dit{suffix}"] = dit[f"pixel_acc_{name}{suffix}"]
     ratios = [r["capture_overhead_ratio"] for r in (unet, dit) if "capture_overhead_ratio" in r]
     res["capture_overhead_ratio"] = max(ratios)
     res["capture_overhead_ratio_cpu"] = max(r["capture_overhead_ratio_cpu"] for r in (unet, dit)
