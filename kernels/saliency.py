@@ -111,16 +111,16 @@ def daam_token_maps(q: torch.Tensor, k: torch.Tensor, heads: int,
     qh = (q.to(torch.float32) * d ** -0.5).reshape(b, n, heads, d).transpose(1, 2)
     kh = k.to(torch.float32).reshape(b, t, heads, d).transpose(1, 2)
     probs = torch.softmax(torch.matmul(qh, kh.transpose(-1, -2)), dim=-1)    # (B, h, N, T)
-    summed = probs.sum(dim=1)                                                # (B, N, T)
     if selection is None:
         selection = token_columns(groups, t)
     if isinstance(selection, torch.Tensor):
-        return summed @ selection.to(summed.device)
+        return probs.sum(dim=1) @ selection.to(probs.device)
     cols, combine = selection
-    if cols.device != summed.device:
-        cols = cols.to(summed.device)
-        combine = None if combine is None else combine.to(summed.device)
-    picked = summed.index_select(-1, cols)
+    if cols.device != probs.device:
+        cols = cols.to(probs.device)
+        combine = None if combine is None else combine.to(probs.device)
+    # the words' columns first, then the sum over heads (a few columns, not all T)
+    picked = probs.index_select(-1, cols).sum(dim=1)                         # (B, N, len(cols))
     return picked if combine is None else picked @ combine
 
 
