@@ -394,3 +394,9 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
                 inputs[name] = _take_widget_value(values, name, spec)
         prompt[str(node["id"])] = {"class_type": ntype, "inputs": inputs}
     return prompt
+
+
+def example_prompt(name: str, object_info: dict) -> dict:
+    """The pack's ``example_workflows/<name>`` as an API prompt, converted by ``ui_to_api`` as the
+    front end would queue it."""
+    return ui_to_api(json.loads((PACK_ROOT / "example_workflows" / name).read_text()), object_info)

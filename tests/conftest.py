@@ -84,7 +84,38 @@ def server():
     srv.stop()
 
 
+@pytest.fixture(scope="session")
+def object_info(server):
+    """The server's /object_info (every node's inputs), fetched once."""
+    return server.get("/object_info")
+
+
 def needs_modern(lab, what: str):
     if not lab.modern:
         pytest.skip(f"{what} needs a ComfyUI with comfy_api (0.3.x); this is {lab.version}. "
                     "Set COMFYUI_PATH to a newer ComfyUI checkout to run it.")
+
+
+def tiny_unet(lab, family: str):
+    """A tiny SD2.x (linear projections, v-prediction) or SDXL (ADM from a pooled text vector and
+    size embeddings) UNet from ComfyUI's own config classes, seeded random weights, as a
+    ModelPatcher (the demo UNet's widths: its K/V layers have the demo's shapes)."""
+    import torch
+    import comfy.model_base as mb
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+    cfg = dict(lab.demo.UNET_CONFIG, use_linear_in_transformer=True)
+    if family == "sd2":
+        mc = comfy.supported_models.SD20(cfg)
+    else:
+        cfg.update(adm_in_channels=64 + 6 * 256, num_classes="sequential")  # pooled text (64) + 6 size embeddings
+        mc = comfy.supported_models.SDXL(cfg)
+    mc.unet_config.update(num_head_channels=16, num_heads=-1)  # the configs' defaults assume 64-wide heads
+    with torch.inference_mode():
+        base = mb.BaseModel(mc, model_type=mb.ModelType.V_PREDICTION) if family == "sd2" else mc.get_model({})
+        g = torch.Generator().manual_seed(1)
+        for q in base.diffusion_model.parameters():
+            q.copy_(torch.randn(q.shape, generator=g) * 0.05)
+    return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())

@@ -1,24 +1,12 @@
 """End to end: the concept-neuron example workflows through a real ComfyUI server's /prompt.
 Extract -> Save writes a new file (never overwriting), Load -> Apply -> KSampler draws with the
 shipped demo concept, two concepts combine, and bad files are refused with a clear message."""
-import json
-from pathlib import Path
 
 import pytest
 
 import conceptlab_comfy_runtime as cr
 
 pytestmark = pytest.mark.e2e
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def object_info(server):
-    return server.get("/object_info")
-
-
-def _prompt(name, object_info):
-    return cr.ui_to_api(json.loads((ROOT / "example_workflows" / name).read_text()), object_info)
 
 
 def _node(prompt, class_type):
@@ -38,7 +26,7 @@ def test_concept_nodes_are_listed_with_the_demo_files(object_info):
 
 
 def test_extract_then_save_twice_writes_two_files(server, object_info):
-    prompt = _prompt("concept_extract_then_save.json", object_info)
+    prompt = cr.example_prompt("concept_extract_then_save.json", object_info)
     ex = _node(prompt, "ConceptLabConceptNeuronsExtract")
     prompt[ex]["inputs"].update(iterations=2, prior_images=1)  # keep the test short
     names = []
@@ -58,7 +46,7 @@ def test_extract_then_save_twice_writes_two_files(server, object_info):
 
 @pytest.mark.parametrize("name", ["concept_load_apply_sample.json", "concept_two_subjects.json"])
 def test_load_apply_sample_workflows(server, object_info, name):
-    prompt = _prompt(name, object_info)
+    prompt = cr.example_prompt(name, object_info)
     entry = server.run_prompt(prompt, timeout=300)
     assert cr.history_error(entry) is None, cr.history_error(entry)
     save = _node(prompt, "SaveImage")
@@ -69,7 +57,7 @@ def test_load_apply_sample_workflows(server, object_info, name):
 
 
 def test_path_traversal_is_refused(server, object_info):
-    prompt = _prompt("concept_load_apply_sample.json", object_info)
+    prompt = cr.example_prompt("concept_load_apply_sample.json", object_info)
     ld = _node(prompt, "ConceptLabConceptNeuronsLoad")
     prompt[ld]["inputs"]["concept_file"] = "../../demo/digits_unet.safetensors"
     with pytest.raises(cr.PromptRejected):  # not in the combo list: ComfyUI's validation refuses it

@@ -12,11 +12,6 @@ pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def object_info(server):
-    return server.get("/object_info")
-
-
 def test_server_lists_the_pack_nodes(server, object_info):
     ours = {k: v for k, v in object_info.items() if k.startswith("ConceptLab")}
     assert {"ConceptLabLoadDemoModel", "ConceptLabModelInfo"} <= set(ours)
@@ -60,7 +55,7 @@ def _example_prompt(name: str, dit: bool, object_info: dict) -> dict:
     if dit and not cr.is_modern():
         pytest.skip(f"the DiT demo model needs ComfyUI's SD3 MMDiT classes; {cr.comfy_version()} has none "
                     "(set COMFYUI_PATH to ComfyUI 0.3.x)")
-    return cr.ui_to_api(json.loads((ROOT / "example_workflows" / name).read_text()), object_info)
+    return cr.example_prompt(name, object_info)
 
 
 @pytest.mark.parametrize("name, dit", [("demo_model_txt2img.json", False), ("demo_dit_txt2img.json", True)])

@@ -18,7 +18,6 @@ import importlib.util
 import json
 import os
 import pathlib
-import re
 import sys
 
 import pytest

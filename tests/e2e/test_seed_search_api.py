@@ -2,8 +2,6 @@
 
 The workflows load their references with LoadImage; the test renders three held-out real
 digits (never seen in training) into the server's input folder under the names they use."""
-import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,12 +9,6 @@ import pytest
 import conceptlab_comfy_runtime as cr  # the harness; tests/conftest.py loads it by path
 
 pytestmark = pytest.mark.e2e
-ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def object_info(server):
-    return server.get("/object_info")
 
 
 @pytest.fixture(scope="module")
@@ -28,11 +20,6 @@ def refs_in_input(server):
         Image.fromarray(S.render_subject(cfg, int(idx)).image).save(
             server.base / "input" / f"conceptlab_ref_eight_{k + 1}.png")
     return True
-
-
-def _prompt(name: str, object_info: dict) -> dict:
-    """The UI workflow converted with the harness's ui_to_api, as the front end would queue it."""
-    return cr.ui_to_api(json.loads((ROOT / "example_workflows" / name).read_text()), object_info)
 
 
 def _ids(prompt, cls):
@@ -49,7 +36,7 @@ def _read(server, entry, node_id):
 
 
 def test_seed_rank_workflow_feeds_a_stock_ksampler(server, object_info, refs_in_input):
-    prompt = _prompt("seed_rank_then_ksampler.json", object_info)
+    prompt = cr.example_prompt("seed_rank_then_ksampler.json", object_info)
     (rank,) = _ids(prompt, "ConceptLabSeedRank")
     (ks,) = _ids(prompt, "KSampler")
     assert prompt[ks]["inputs"]["seed"] == [rank, 0] and prompt[ks]["inputs"]["steps"] == 20
@@ -68,7 +55,7 @@ def test_seed_search_workflow_through_sampler_custom_advanced(server, object_inf
     if not cr.is_modern():
         pytest.skip(f"SamplerCustomAdvanced and the NOISE type need ComfyUI 0.3.x; {cr.comfy_version()} has none "
                     "(set COMFYUI_PATH to ComfyUI 0.3.x)")
-    prompt = _prompt("seed_select_then_custom_advanced.json", object_info)
+    prompt = cr.example_prompt("seed_select_then_custom_advanced.json", object_info)
     (search,) = _ids(prompt, "ConceptLabSeedSearch")
     assert prompt[search]["inputs"]["iterations"] == 10
     prompt[search]["inputs"]["iterations"] = 2          # keep the test fast
@@ -81,7 +68,7 @@ def test_seed_search_workflow_through_sampler_custom_advanced(server, object_inf
 
 
 def test_bad_references_are_reported_by_the_node(server, object_info, refs_in_input):
-    prompt = _prompt("seed_rank_then_ksampler.json", object_info)
+    prompt = cr.example_prompt("seed_rank_then_ksampler.json", object_info)
     (rank,) = _ids(prompt, "ConceptLabSeedRank")
     prompt[rank]["inputs"]["references"] = ["4", 0]     # the LATENT, not an IMAGE
     for k in ("references_2", "references_3"):

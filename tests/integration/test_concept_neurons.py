@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import tiny_unet
+
 
 @pytest.fixture(scope="module")
 def cn(lab):
@@ -276,20 +278,7 @@ def test_dit_text_stream_kv_rows(lab, cn):
 def test_sd2_config_model_extract_and_apply(lab, cn, unet):
     """A tiny SD2.x-configured UNet (ComfyUI's SD20 config class, linear transformer projections,
     v-prediction; random weights) goes through extract and apply; the family is recorded."""
-    import comfy.model_base as mb
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    import comfy.supported_models
-    cfg = dict(lab.demo.UNET_CONFIG, use_linear_in_transformer=True)
-    mc = comfy.supported_models.SD20(cfg)
-    mc.unet_config.update(num_head_channels=16, num_heads=-1)  # SD20's defaults assume 64-wide heads
-    with torch.inference_mode():
-        base = mb.BaseModel(mc, model_type=mb.ModelType.V_PREDICTION)
-        g = torch.Generator().manual_seed(1)
-        for q in base.diffusion_model.parameters():
-            q.copy_(torch.randn(q.shape, generator=g) * 0.05)
-    model = comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
-                                             offload_device=mm.unet_offload_device())
+    model = tiny_unet(lab, "sd2")
     guard = lab.runtime.ModelGuard.of(model)
     c = _extract(cn, (model, unet[1], unet[2]), iterations=1, prior_images=1)
     assert c.family == "sd2" and c.count == 180

@@ -5,13 +5,12 @@ UNet / DiT (inference-tensor weights), leave the incoming MODEL bit for bit unch
 NOISE must drive a stock SamplerCustomAdvanced (0.3.x); Seed Rank's INT must reproduce with a
 stock KSampler; bad input must get clear messages."""
 import importlib
-import json
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import needs_modern
+from conftest import needs_modern, tiny_unet
 
 
 @pytest.fixture(scope="module")
@@ -201,35 +200,11 @@ def test_clip_vision_semantic_loss_is_differentiable(lab, ss, demo, demo_cv):
     assert text.startswith("embedding: clip_vision")
 
 
-def _tiny_model(lab, family):
-    """A tiny SD2.x (linear projections, v-prediction) or SDXL (ADM from a pooled text vector and
-    size embeddings) UNet from ComfyUI's own config classes, random weights."""
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    import comfy.supported_models
-    cfg = dict(lab.demo.UNET_CONFIG, use_linear_in_transformer=True)
-    if family == "sd2":
-        mc = comfy.supported_models.SD20(cfg)
-        mc.unet_config.update(num_head_channels=16, num_heads=-1)
-    else:
-        cfg.update(adm_in_channels=64 + 6 * 256, num_classes="sequential")  # pooled text (64) + 6 size embeddings
-        mc = comfy.supported_models.SDXL(cfg)
-        mc.unet_config.update(num_head_channels=16, num_heads=-1)
-    import comfy.model_base as mb
-    with torch.inference_mode():
-        base = mb.BaseModel(mc, model_type=mb.ModelType.V_PREDICTION) if family == "sd2" else mc.get_model({})
-        g = torch.Generator().manual_seed(1)
-        for q in base.diffusion_model.parameters():
-            q.copy_(torch.randn(q.shape, generator=g) * 0.05)
-    return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
-                                            offload_device=mm.unet_offload_device())
-
-
 @pytest.mark.parametrize("family", ["sd2", "sdxl"])
 def test_search_and_rank_on_sd2_and_sdxl_models(lab, ss, demo, demo_cv, family):
     """Both nodes run on SD2.x- and SDXL-configured UNets (SDXL's conditioning carries a pooled
     vector; ComfyUI builds the ADM input from it), lower the objective, and leave the model unchanged."""
-    model = _tiny_model(lab, family)
+    model = tiny_unet(lab, family)
     assert lab.runtime.model_family(model) == family
     guard = lab.runtime.ModelGuard.of(model)
     pos, neg, lat = _conds(lab, demo.clip, batch=1)
