@@ -518,13 +518,21 @@ def augment_for_vision(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return x.clamp(0, 1)
 
 
+def _vision_embed(cv, x: torch.Tensor) -> torch.Tensor:
+    """Projected embeddings of ``(B, 3, H, W)`` images in [0, 1]: the seed-search nodes'
+    differentiable preprocessing (``clip_vision_size``, CLIP mean / std), then the model in
+    whatever dtype it holds (fp32 while training)."""
+    ss = cr.pack_module("nodes.seed_search")
+    px = cr.pack_module("kernels.seed_search").preprocess_for_vision(
+        x, ss.clip_vision_size(cv), ss.CLIP_MEAN, ss.CLIP_STD)
+    return cv.model(pixel_values=px, intermediate_output=-2)[2]
+
+
 def train_vision(cv, images: np.ndarray, labels: torch.Tensor, seconds: float, batch: int = 64,
                  lr: float = 1e-3, scale: float = 16.0) -> dict:
     """Cosine-classifier training of a ComfyUI ``ClipVisionModel``'s projected embedding."""
-    K = cr.pack_module("kernels.seed_search")
     snapshots = cr.pack_module("kernels.autograd").activation_snapshots
     model = cv.model
-    size = cr.pack_module("nodes.seed_search").clip_vision_size(cv)
     model.to(torch.float32).train()
     protos = torch.nn.Parameter(torch.randn(10, model.visual_projection.weight.shape[0]) * 0.1)
     params = [p for p in model.parameters()] + [protos]
@@ -539,9 +547,8 @@ def train_vision(cv, images: np.ndarray, labels: torch.Tensor, seconds: float, b
             grp["lr"] = _lr_at(lr, step, elapsed / seconds, warmup=100)
         idx = torch.randint(0, n, (batch,), generator=g)
         x = augment_for_vision(x_all[idx].float() / 255.0, g)
-        px = K.preprocess_for_vision(x, size, CLIP_MEAN, CLIP_STD)
         with snapshots(params):  # ComfyUI's CLIP layers add residuals in place
-            emb = model(pixel_values=px, intermediate_output=-2)[2]
+            emb = _vision_embed(cv, x)
         logits = scale * torch.nn.functional.normalize(emb, dim=-1) @ torch.nn.functional.normalize(protos, dim=-1).T
         loss = torch.nn.functional.cross_entropy(logits, labels[idx])
         opt.zero_grad(set_to_none=True)
@@ -560,24 +567,16 @@ def train_vision(cv, images: np.ndarray, labels: torch.Tensor, seconds: float, b
             "train_accuracy": round(float(np.mean(correct[-100:])), 4)}
 
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
 @torch.no_grad()
 def vision_prototype_accuracy(cv, images: np.ndarray, labels: torch.Tensor, ref_images: np.ndarray,
                               ref_labels: torch.Tensor) -> float:
     """Nearest-class-mean accuracy of ``images`` with class means from ``ref_images``
     (the way Seed Search uses the embedding: cosine to the mean of a few references)."""
-    K = cr.pack_module("kernels.seed_search")
-    size = cr.pack_module("nodes.seed_search").clip_vision_size(cv)
-
     def embed(ims):
         out = []
         for i in range(0, len(ims), 256):
             x = torch.from_numpy(ims[i:i + 256]).permute(0, 3, 1, 2).float() / 255.0
-            px = K.preprocess_for_vision(x, size, CLIP_MEAN, CLIP_STD)
-            out.append(torch.nn.functional.normalize(cv.model(pixel_values=px, intermediate_output=-2)[2].float(), dim=-1))
+            out.append(torch.nn.functional.normalize(_vision_embed(cv, x).float(), dim=-1))
         return torch.cat(out)
 
     e, r = embed(images), embed(ref_images)
