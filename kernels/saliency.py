@@ -162,9 +162,9 @@ def concept_saliency(o_img: torch.Tensor, o_c: torch.Tensor) -> torch.Tensor:
 def cross_attention_saliency(q_img: torch.Tensor, k_c: torch.Tensor, heads: int) -> torch.Tensor:
     """The raw cross-attention baseline: image queries against concept keys, averaged over heads,
     softmaxed over concepts. Returns (B, N, C) float32."""
-    d = q_img.shape[-1] // heads
-    scores = _heads(q_img, heads).float() @ _heads(k_c, heads).float().transpose(-1, -2)
-    return torch.softmax(scores.mean(dim=1) * (d ** -0.5), dim=-1)
+    q = _heads(q_img, heads)
+    scores = q.float() @ _heads(k_c, heads).float().transpose(-1, -2)
+    return torch.softmax(scores.mean(dim=1) * (q.shape[-1] ** -0.5), dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------

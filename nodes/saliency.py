@@ -1,4 +1,4 @@
-"""Attention saliency nodes: DAAM for UNets, ConceptAttention for SD3-style MMDiTs.
+"""Attention saliency nodes: DAAM for UNets, ConceptAttention for multimodal DiTs (SD3, Flux).
 
 Graph shape (any sampler works, because capture is a MODEL patch)::
 
@@ -9,7 +9,8 @@ Graph shape (any sampler works, because capture is a MODEL patch)::
                                                        ConceptLab Mask From Concept -> MASK
 
 The capture node clones the MODEL and adds patches only (an ``attn2`` replace per UNet
-cross-attention layer, a ``dit`` double-block replace per MMDiT joint block, and a chained
+cross-attention layer, a ``dit`` double-block replace per SD3 joint block or Flux
+double-stream block, and a chained
 ``model_function_wrapper``). The incoming MODEL is never touched. The recording keeps running
 sums, so memory does not grow with steps; it always holds the most recent sampling run (a run
 that starts at a higher noise level than the previous call resets it).
@@ -20,7 +21,6 @@ ComfyUI's own attention function, and the probabilities / concept stream are com
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import os
 import re
@@ -42,7 +42,7 @@ CAPTURE = "ConceptLab Saliency Capture"
 MAPS = "ConceptLab Saliency Maps"
 MASK_NODE = "ConceptLab Mask From Concept"
 METHODS = ("auto", "daam", "conceptattention", "crossattention")
-DIT_SALIENCY_FAMILIES = ("sd3",)
+DIT_SALIENCY_FAMILIES = ("sd3", "flux")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,20 +319,116 @@ class _DaamPatch:
 
 
 # ---------------------------------------------------------------------------------------------
-# MMDiT: ConceptAttention through dit double_block replace patches
+# MMDiTs: ConceptAttention through dit double_block replace patches
 # ---------------------------------------------------------------------------------------------
-class _ConceptAttentionBlock:
-    """One joint block: run ComfyUI's block unchanged, carry the concept tokens beside it."""
+class _SD3Stream:
+    """The concept tokens' path through an SD3 MMDiT joint block (``context_block``).
 
-    def __init__(self, rec: SaliencyRecording, diffusion_model, index: int, record: bool,
-                 previous=None):
-        self.rec, self.dm, self.index, self.record, self.previous = (
-            rec, diffusion_model, index, record, previous)
-        block = diffusion_model.joint_blocks[index]
-        # Run the block the way ComfyUI runs a block that has no replace patch (its
+    ComfyUI hands SD3's attention (B, T, heads*d) tensors, text tokens first."""
+
+
+    def __init__(self, dm):
+        self.dm = dm
+        self.blocks = dm.joint_blocks
+        self.pooled_embedder = getattr(dm, "y_embedder", None)
+
+    def text_embedder(self, raw):
+        return self.dm.context_embedder(raw)
+
+    @staticmethod
+    def heads(block) -> int:
+        return block.x_block.attn.num_heads
+
+    @staticmethod
+    def image_slice(block, n_txt: int, n_tokens: int) -> slice:
+        return slice(n_txt, n_tokens)
+
+    @staticmethod
+    def tokens_major(t):
+        return t                               # already (B, T, heads*d)
+
+    @staticmethod
+    def pre(block, c, vec):
+        return block.context_block.pre_attention(c, vec)
+
+    @staticmethod
+    def post(block, o_c, inter):
+        cb = block.context_block
+        return None if cb.pre_only else cb.post_attention(o_c, *inter)
+
+
+class _FluxStream:
+    """The concept tokens' path through a Flux double-stream block (its ``txt_*`` weights).
+
+    ComfyUI hands Flux's attention (B, heads, T, d) tensors with the rotary embedding already
+    applied to q and k, text tokens first (image first in blocks with ``flipped_img_txt``).
+    Concepts have position id 0, where the rotation is the identity, so their q and k are used
+    as the text stream makes them. Single-stream blocks are not used (as in the reference)."""
+
+
+    def __init__(self, dm):
+        self.dm = dm
+        self.blocks = dm.double_blocks
+        self.pooled_embedder = getattr(dm, "vector_in", None)
+
+    def text_embedder(self, raw):
+        return self.dm.txt_in(raw)
+
+    @staticmethod
+    def heads(block) -> int:
+        return block.num_heads
+
+    @staticmethod
+    def image_slice(block, n_txt: int, n_tokens: int) -> slice:
+        if getattr(block, "flipped_img_txt", False):
+            return slice(0, n_tokens - n_txt)
+        return slice(n_txt, n_tokens)
+
+    @staticmethod
+    def tokens_major(t):
+        return t.transpose(1, 2)               # (B, heads, T, d) -> (B, T, heads, d)
+
+    @staticmethod
+    def pre(block, c, vec):
+        mod1, mod2 = block.txt_mod(vec)
+        x = torch.addcmul(mod1.shift, block.txt_norm1(c), 1 + mod1.scale)
+        qkv = block.txt_attn.qkv(x)
+        q, k, v = qkv.view(qkv.shape[0], qkv.shape[1], 3, block.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k = block.txt_attn.norm(q, k, v)
+        return (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)), (c, mod1, mod2)
+
+    @staticmethod
+    def post(block, o_c, inter):
+        c, mod1, mod2 = inter
+        c = c + mod1.gate * block.txt_attn.proj(o_c)
+        x = torch.addcmul(mod2.shift, block.txt_norm2(c), 1 + mod2.scale)
+        return c + mod2.gate * block.txt_mlp(x)
+
+
+def dit_stream(diffusion_model):
+    """The concept-stream adapter of a multimodal DiT, or None for other models."""
+    if hasattr(diffusion_model, "joint_blocks"):
+        return _SD3Stream(diffusion_model)
+    if hasattr(diffusion_model, "double_blocks") and hasattr(diffusion_model, "txt_in"):
+        return _FluxStream(diffusion_model)
+    return None
+
+
+class _ConceptAttentionBlock:
+    """One joint / double-stream block: run ComfyUI's block unchanged, carry the concept tokens
+    beside it through the text stream's own weights."""
+
+    def __init__(self, rec: SaliencyRecording, stream, index: int, record: bool, previous=None):
+        self.rec, self.stream, self.index, self.record, self.previous = (
+            rec, stream, index, record, previous)
+        dm = stream.dm
+        block = stream.blocks[index]
+        # Run an SD3 block the way ComfyUI runs a block that has no replace patch (its
         # "original_block" for patched blocks goes through torch.utils.checkpoint, which costs
-        # more than this whole capture on small models and computes the same numbers).
-        self._direct = (previous is None and hasattr(diffusion_model, "use_checkpoint")
+        # more than this whole capture on small models and computes the same numbers). Flux's
+        # "original_block" calls the block directly.
+        self._direct = (previous is None and isinstance(stream, _SD3Stream)
+                        and hasattr(dm, "use_checkpoint")
                         and hasattr(block, "context_block") and hasattr(block, "x_block"))
 
     def _run(self, args, extra):
@@ -340,8 +436,9 @@ class _ConceptAttentionBlock:
             return self.previous(args, extra)
         if not self._direct:
             return extra["original_block"](args)
-        txt, img = self.dm.joint_blocks[self.index](
-            args["txt"], args["img"], c=args["vec"], use_checkpoint=self.dm.use_checkpoint,
+        dm = self.stream.dm
+        txt, img = dm.joint_blocks[self.index](
+            args["txt"], args["img"], c=args["vec"], use_checkpoint=dm.use_checkpoint,
             transformer_options=args["transformer_options"])
         return {"txt": txt, "img": img}
 
@@ -354,14 +451,17 @@ class _ConceptAttentionBlock:
         emb = cache.get(key)
         if emb is None:
             raw = rec.concept_embeds.to(device=like.device, dtype=like.dtype)
-            emb = cache[key] = self.dm.context_embedder(raw.unsqueeze(0))
+            emb = cache[key] = self.stream.text_embedder(raw.unsqueeze(0))
         emb = emb.expand(like.shape[0], -1, -1)
         concept_vec = vec
-        y_emb = getattr(self.dm, "y_embedder", None)
+        y_emb = self.stream.pooled_embedder
         if rec.pooled_zero and rec._y is not None and y_emb is not None:
-            # vec = t_emb + y_emb(y): swap y_emb(y) for y_emb(0). The difference depends only on
-            # the pooled text, which is the same call after call: reuse it while it is.
+            # vec = t_emb (+ guidance) + y_emb(y): swap y_emb(y) for y_emb(0). The difference
+            # depends only on the pooled text, which is the same call after call: reuse it.
             y = rec._y[rec.rows()].to(device=vec.device, dtype=vec.dtype)
+            in_dim = getattr(getattr(y_emb, "in_layer", None), "in_features", None)
+            if in_dim is not None:
+                y = y[:, :in_dim]                           # Flux reads y[:, :vec_in_dim]
             last = cache.get("pooled")
             if last is None or last[0].shape != y.shape or not torch.equal(last[0], y):
                 last = cache["pooled"] = (y, y_emb(y) - y_emb(torch.zeros_like(y)))
@@ -387,25 +487,25 @@ class _ConceptAttentionBlock:
         if not stash:                         # no attention call seen (unknown block type)
             rec.skipped_calls += 1
             return result
+        st = self.stream
         rows = rec._rows
         txt, vec = args["txt"], args["vec"][rows]
         if rec._concepts is None:
             rec._concepts, rec._concept_vec = self._initial_concepts(txt[rows], vec)
-        block = self.dm.joint_blocks[self.index]
-        cb = block.context_block
-        heads = block.x_block.attn.num_heads
-        n_txt = txt.shape[1]
-        (q_c, k_c, v_c), inter = cb.pre_attention(rec._concepts, rec._concept_vec)
-        o_c = K.concept_attention(q_c, k_c, v_c, stash["k"][rows, n_txt:],
-                                  stash["v"][rows, n_txt:], heads)
+        block = st.blocks[self.index]
+        heads = st.heads(block)
+        q, k, v = (st.tokens_major(stash[n][rows]) for n in "qkv")
+        img = st.image_slice(block, txt.shape[1], k.shape[1])
+        (q_c, k_c, v_c), inter = st.pre(block, rec._concepts, rec._concept_vec)
+        o_c = K.concept_attention(q_c, k_c, v_c, k[:, img], v[:, img], heads)
         if self.record:
             if rec.method == "conceptattention" or "conceptattention" in rec.compare:
-                rec.add("conceptattention", K.concept_saliency(stash["o"][rows, n_txt:], o_c))
+                rec.add("conceptattention", K.concept_saliency(stash["o"][rows, img], o_c))
             if rec.method == "crossattention" or "crossattention" in rec.compare:
-                rec.add("crossattention", K.cross_attention_saliency(stash["q"][rows, n_txt:],
-                                                                      k_c, heads))
-        if not cb.pre_only:
-            rec._concepts = cb.post_attention(o_c, *inter)
+                rec.add("crossattention", K.cross_attention_saliency(q[:, img], k_c, heads))
+        nxt = st.post(block, o_c, inter)
+        if nxt is not None:                   # None after SD3's last block (context pre_only)
+            rec._concepts = nxt
         return result
 
 
@@ -431,13 +531,23 @@ def _existing_replace(model, name: str, key: tuple):
     return to.get("patches_replace", {}).get(name, {}).get(key)
 
 
-def _concept_embeddings(clip, words: list) -> torch.Tensor:
-    """(C, D): each concept word encoded alone; its first token after the start token."""
+def _concept_embeddings(clip, words: list, family: str = "sd3") -> torch.Tensor:
+    """(C, D): each concept word encoded alone; the conditioning vector of its first token.
+
+    That token sits after the start token when the encoder that makes the conditioning has one
+    (CLIP, and the CLIP part that leads SD3's sequence), and first when it has none (T5, which
+    alone makes Flux's sequence)."""
     rows = []
     for w in words:
-        cond = clip.encode_from_tokens(clip.tokenize(w))
+        tokens = clip.tokenize(w)
+        key = "t5xxl" if family == "flux" and "t5xxl" in tokens else ("l" if "l" in tokens
+                                                                       else next(iter(tokens)))
+        word = [int(t[0]) for t in tokens[key][0]]
+        empty = [int(t[0]) for t in clip.tokenize("")[key][0]]
+        first = 1 if word[0] == empty[0] else 0       # a shared first id is a start token
+        cond = clip.encode_from_tokens(tokens)
         cond = cond[0] if isinstance(cond, (tuple, list)) else cond
-        rows.append(cond[0, 1].float().cpu())
+        rows.append(cond[0, first].float().cpu())
     return torch.stack(rows)
 
 
@@ -455,7 +565,8 @@ class ConceptLabSaliencyCapture:
         "sampler. Put it between the model loader and the sampler, and feed its recording plus "
         "the decoded image to 'ConceptLab Saliency Maps'. UNet models (SD1.x, SD2.x, SDXL) use "
         "DAAM: cross-attention probabilities of the word's tokens, summed over heads, layers and "
-        "steps. SD3-style MMDiT models use ConceptAttention: the concept words travel through "
+        "steps. Multimodal DiTs (SD3's joint blocks, Flux's double-stream blocks) use "
+        "ConceptAttention: the concept words travel through "
         "the text stream's own weights, one way, and the maps come from attention-output dot "
         "products. The sampled image stays bit for bit the same; memory does not grow with steps.")
     CATEGORY = "ConceptLab/saliency"
@@ -493,7 +604,7 @@ class ConceptLabSaliencyCapture:
                                                  "execution order: 'auto', 'all', '2,3', '-2,-1' "
                                                  "or '1-3'. auto: every cross-attention layer on "
                                                  "UNets (DAAM); the later half of the joint "
-                                                 "blocks on DiTs."}),
+                                                 "(SD3) or double-stream (Flux) blocks on DiTs."}),
                 "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
                                             "tooltip": "Record from this point of the sampling "
                                                        "schedule (0 = first step)."}),
@@ -505,9 +616,6 @@ class ConceptLabSaliencyCapture:
     def capture(self, model, clip, prompt, concepts, method, layers, start_percent, end_percent):
         fam = model_family(model)
         allowed = UNET_FAMILIES + DIT_SALIENCY_FAMILIES
-        if fam == "flux":
-            raise fail(CAPTURE, "Flux models are not supported yet (SD3-style MMDiT and UNets "
-                       "are).", "Use an SD1.x / SD2.x / SDXL or SD3 model.")
         require_family(CAPTURE, model, allowed, "Saliency capture")
         if start_percent > end_percent:
             raise fail(CAPTURE, f"start_percent ({start_percent}) is after end_percent "
@@ -523,7 +631,8 @@ class ConceptLabSaliencyCapture:
             raise fail(CAPTURE, f"'{method}' needs a multimodal DiT; this is a "
                        f"{family_label(fam)} UNet.", "Set method to 'daam' or 'auto'.")
         if not is_unet and method == "daam":
-            raise fail(CAPTURE, "DAAM reads UNet cross-attention; this is an SD3-style DiT.",
+            raise fail(CAPTURE, "DAAM reads UNet cross-attention; this is a "
+                       f"{family_label(fam)} DiT.",
                        "Set method to 'conceptattention', 'crossattention' or 'auto'.")
         hi, lo = _sigma_range(model, start_percent, end_percent)
         dm = model.model.diffusion_model
@@ -569,10 +678,16 @@ class ConceptLabSaliencyCapture:
         return rec
 
     def _patch_dit(self, m, dm, clip, words, method, layers, fam, hi, lo):
-        n = len(dm.joint_blocks)
+        stream = dit_stream(dm)
+        if stream is None:
+            raise fail(CAPTURE, f"This {family_label(fam)} model has no joint (SD3) or "
+                       "double-stream (Flux) blocks that ConceptAttention knows.",
+                       "Use an SD3- or Flux-style model, or a UNet with DAAM.")
+        n = len(stream.blocks)
         chosen = self._layers(layers, n, range(n // 2, n))
-        embeds = _concept_embeddings(clip, words)
-        ctx_in = getattr(dm.context_embedder, "in_features", None)
+        embeds = _concept_embeddings(clip, words, fam)
+        text_in = dm.context_embedder if isinstance(stream, _SD3Stream) else dm.txt_in
+        ctx_in = getattr(text_in, "in_features", None)
         if ctx_in is not None and embeds.shape[-1] != ctx_in:
             raise fail(CAPTURE, f"The CLIP's vectors have {embeds.shape[-1]} channels, the "
                        f"model's text input has {ctx_in}.",
@@ -581,7 +696,7 @@ class ConceptLabSaliencyCapture:
                                 sigma_hi=hi, sigma_lo=lo, concept_embeds=embeds)
         for i in range(max(chosen) + 1):      # concepts must pass every block up to the last read
             prev = _existing_replace(m, "dit", ("double_block", i))
-            m.set_model_patch_replace(_ConceptAttentionBlock(rec, dm, i, i in chosen, prev),
+            m.set_model_patch_replace(_ConceptAttentionBlock(rec, stream, i, i in chosen, prev),
                                       "dit", "double_block", i)
         return rec
 
