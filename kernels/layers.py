@@ -4,7 +4,11 @@ Cones (Liu et al. 2023) searches the key and value projections of cross-attentio
 weights that read the text condition. In ComfyUI's UNet naming they are
 ``...transformer_blocks.N.attn2.to_k.weight`` and ``...attn2.to_v.weight``; ``attn1`` is
 self-attention (optional, off by default). In MMDiT models (Flux, SD3) the text stream's
-fused QKV projection plays that role; its K and V rows are the candidates.
+fused QKV projection plays that role; its K and V rows are the candidates: SD3's
+``joint_blocks.N.context_block.attn.qkv`` and Flux's ``double_blocks.N.txt_attn.qkv``. Flux's
+single-stream blocks (``single_blocks.N.linear1``) are deliberately not candidates: one fused
+linear projects the concatenated text and image tokens there, so its K/V rows read image tokens
+as much as text and shutting them would not act on the text condition alone.
 """
 from __future__ import annotations
 
@@ -37,6 +41,8 @@ def concept_kv_layers(names: Iterable[str], include_self_attention: bool = False
             if cross or include_self_attention:
                 out.append(KVLayer(n, m.group("kv"), cross))
             continue
+        # MMDiT text stream (Flux double-stream / SD3 joint blocks). Flux single_blocks.*.linear1
+        # mixes text and image tokens in one projection: not a candidate (module docstring).
         if _FLUX_TXT_QKV.search(n) or _SD3_CTX_QKV.search(n):
             out.append(KVLayer(n, "qkv", True))
     return out
