@@ -7,6 +7,7 @@ loaded through ComfyUI's own ``load_custom_node``, as ComfyUI does.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import sys
@@ -147,3 +148,22 @@ def tiny_flux(lab, scale: float = 0.05):
             q.copy_(torch.randn(q.shape, generator=g) * scale)
     return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device())
+
+
+@contextlib.contextmanager
+def interrupt_at_progress(lab, value: int):
+    """Press ComfyUI's cancel once a progress bar reaches ``value``; expect the interruption."""
+    import comfy.model_management as mm
+    import comfy.utils
+    old = getattr(comfy.utils, "PROGRESS_BAR_HOOK", None)
+
+    def hook(current, total, preview, *a, **k):
+        if current >= value:
+            mm.interrupt_current_processing(True)
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(lab.runtime.interrupt_types()):
+            yield
+    finally:
+        mm.interrupt_current_processing(False)
+        comfy.utils.set_progress_bar_global_hook(old)

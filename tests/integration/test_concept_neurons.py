@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_unet
+from conftest import interrupt_at_progress, tiny_unet
 
 
 @pytest.fixture(scope="module")
@@ -141,23 +141,11 @@ def test_apply_shuts_weights_in_the_clone_only(lab, cn, unet, concept):
 
 
 def test_cancel_mid_extraction_leaves_no_patch(lab, cn, unet):
-    import comfy.model_management as mm
-    import comfy.utils
     model = unet[0]
     guard = lab.runtime.ModelGuard.of(model)
     params = dict(model.model.diffusion_model.named_parameters())
-    old = getattr(comfy.utils, "PROGRESS_BAR_HOOK", None)
-
-    def hook(value, total, preview, *a, **k):
-        if value >= 3:  # after the first gradient evaluation
-            mm.interrupt_current_processing(True)
-    comfy.utils.set_progress_bar_global_hook(hook)
-    try:
-        with pytest.raises(lab.runtime.interrupt_types()):
-            _extract(cn, unet, iterations=10, prior_images=0)
-    finally:
-        mm.interrupt_current_processing(False)
-        comfy.utils.set_progress_bar_global_hook(old)
+    with interrupt_at_progress(lab, 3):       # after the first gradient evaluation
+        _extract(cn, unet, iterations=10, prior_images=0)
     assert all(p is params[n] for n, p in model.model.diffusion_model.named_parameters())
     guard.check("cancelled extract")
 

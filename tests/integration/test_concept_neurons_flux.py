@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_flux
+from conftest import interrupt_at_progress, tiny_flux
 
 TXT_QKV = "txt_attn.qkv.weight"
 
@@ -210,21 +210,9 @@ def test_cross_family_concepts_and_foreign_vae_are_refused(lab, cn, parts, conce
 
 
 def test_cancel_mid_flux_extraction_leaves_no_patch(lab, cn, parts):
-    import comfy.model_management as mm
-    import comfy.utils
     model, clip, _, vae16 = parts
     guard = lab.runtime.ModelGuard.of(model)
-    old = getattr(comfy.utils, "PROGRESS_BAR_HOOK", None)
-
-    def hook(value, total, preview, *a, **k):
-        if value >= 3:  # after the first gradient evaluation
-            mm.interrupt_current_processing(True)
-    comfy.utils.set_progress_bar_global_hook(hook)
-    try:
-        with pytest.raises(lab.runtime.interrupt_types()):
-            _extract(cn, model, clip, vae16, iterations=10, prior_images=0, noise_draws=1)
-    finally:
-        mm.interrupt_current_processing(False)
-        comfy.utils.set_progress_bar_global_hook(old)
+    with interrupt_at_progress(lab, 3):       # after the first gradient evaluation
+        _extract(cn, model, clip, vae16, iterations=10, prior_images=0, noise_draws=1)
     assert not model.patches
     guard.check("cancelled flux extract")
