@@ -110,6 +110,14 @@ def require_family(node: str, model, allowed: Iterable[str], what: str = "this n
 # --------------------------------------------------------------------------------------------
 # non-destructive patching
 # --------------------------------------------------------------------------------------------
+def latent_channels(base) -> int | None:
+    """Channels of a ComfyUI BaseModel's latents: its latent format's declared count (0.3.x:
+    16 for SD3 and Flux, 4 for the SD UNets); the 2024 snapshot declares none, and there the
+    diffusion model's input channels are the count."""
+    fmt = getattr(base, "latent_format", None)
+    return getattr(fmt, "latent_channels", None) or getattr(base.diffusion_model, "in_channels", None)
+
+
 def clone_model(model):
     """A ModelPatcher clone: shares weights, owns its patch lists. Patch this, never the input."""
     return model.clone()

@@ -42,8 +42,8 @@ from ..kernels import concept_neurons as K
 from ..kernels.fingerprint import combined_digest, tensor_digest
 from ..kernels.layers import concept_kv_layers
 from ._runtime import (
-    DIT_FAMILIES, UNET_FAMILIES, Progress, clone_model, diffusion_key, fail, family_label,
-    gradients_through, load_for_compute, model_family, require_family)
+    Progress, clone_model, diffusion_key, fail, family_label, gradients_through, latent_channels,
+    load_for_compute, require_family)
 
 log = logging.getLogger("ConceptLab")
 
@@ -346,12 +346,6 @@ def _latent_noise(base, batch: int, hw: tuple) -> torch.Tensor:
     return torch.zeros(batch, latent_channels(base), *hw)
 
 
-def latent_channels(base) -> int:
-    """How many latent channels the model denoises (16 for Flux and SD3, 4 for the SD UNets).
-    The 2024 ComfyUI snapshot's latent formats do not declare it; all its supported families use 4."""
-    return int(getattr(base.latent_format, "latent_channels", 4))
-
-
 def extra_model_conds(base, cond, pooled, hw: tuple) -> dict:
     """The conds ComfyUI's own ``extra_conds`` builds for this model from a text condition, as
     the sampler would: cross-attention context, the pooled/ADM vector ('y': SDXL's size
@@ -433,6 +427,7 @@ class ConceptLoss:
         a, b = int(lo * (len(sig) - 1)), max(int(hi * (len(sig) - 1)), int(lo * (len(sig) - 1)) + 1)
         self.sigmas = sig[a:b + 1]
         self.evaluations = 0
+        self._model_kw = {}   # (batch, latent size, device) -> apply_model's conds; fixed per extraction
 
     def batch(self):
         if self.settings.fixed_noise:  # the same draws every evaluation: comparable losses
@@ -448,8 +443,11 @@ class ConceptLoss:
         dev = comfy.model_management.get_torch_device()
         x0, sigma, noise = x0.to(dev), sigma.to(dev), noise.to(dev)
         x = ms.noise_scaling(sigma.view(-1, 1, 1, 1), noise, x0)
-        kw = _model_kwargs(self.base, self.cond.to(dev), self.pooled.to(dev) if self.pooled is not None else None,
-                           x.shape[0], tuple(x.shape[2:]))
+        key = (x.shape[0], tuple(x.shape[2:]), dev)
+        kw = self._model_kw.get(key)
+        if kw is None:
+            pooled = self.pooled.to(dev) if self.pooled is not None else None
+            kw = self._model_kw[key] = _model_kwargs(self.base, self.cond.to(dev), pooled, *key[:2])
         den = self.base.apply_model(x, sigma, **kw)
         w = torch.clamp(1.0 / sigma.float() ** 2, max=5.0) + 1.0
         per = (den.float() - x0.float()).pow(2).mean(dim=(1, 2, 3)) * w

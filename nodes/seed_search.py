@@ -21,7 +21,6 @@ The same function and ``comfy.sample.prepare_noise`` work on the 2024 snapshot a
 from __future__ import annotations
 
 import contextlib
-import io
 import math
 
 import numpy as np
@@ -34,8 +33,8 @@ import comfy.samplers
 
 from ..kernels import seed_search as K
 from ..kernels.autograd import activation_snapshots, differentiable_weights
-from ._runtime import (Progress, check_interrupt, fail, gradients_through, interrupt_types, load_for_compute,
-                       require_family)
+from ._runtime import (Progress, check_interrupt, fail, gradients_through, interrupt_types, latent_channels,
+                       load_for_compute, require_family)
 
 SEARCH = "ConceptLab Seed Search (optimise)"
 RANK = "ConceptLab Seed Rank (best-of-N)"
@@ -56,12 +55,6 @@ def schedule(model, steps: int, scheduler: str = "normal") -> torch.Tensor:
             else model.model.model_sampling
         return comfy.samplers.calculate_sigmas(ms, scheduler, steps).cpu()
     return comfy.samplers.calculate_sigmas_scheduler(model.model, scheduler, steps).cpu()
-
-
-def latent_channels(model) -> int | None:
-    """Channels of the model's latents (0.3.x: latent_format; 2024: the diffusion model's input)."""
-    fmt = getattr(model.model, "latent_format", None)
-    return getattr(fmt, "latent_channels", None) or getattr(model.model.diffusion_model, "in_channels", None)
 
 
 def fix_latent(model, latent: dict) -> dict:
@@ -258,7 +251,7 @@ def check_latent(node, model, latent) -> dict:
                    "Connect an Empty Latent Image (it sets the size and batch).")
     latent = fix_latent(model, latent)
     s = latent["samples"]
-    want = latent_channels(model)
+    want = latent_channels(model.model)
     if s.ndim != 4 or (want is not None and s.shape[1] != want):
         raise fail(node, f"The latent has shape {tuple(s.shape)}, but this model works on "
                    f"{want}-channel image latents (B, {want}, H, W).",
