@@ -330,10 +330,9 @@ class _SD3Stream:
     def __init__(self, dm):
         self.dm = dm
         self.blocks = dm.joint_blocks
+        self.text_in = dm.context_embedder              # raw text-encoder vectors -> stream
         self.pooled_embedder = getattr(dm, "y_embedder", None)
-
-    def text_embedder(self, raw):
-        return self.dm.context_embedder(raw)
+        self.pooled_dim = None                          # reads the whole pooled vector
 
     @staticmethod
     def heads(block) -> int:
@@ -369,10 +368,9 @@ class _FluxStream:
     def __init__(self, dm):
         self.dm = dm
         self.blocks = dm.double_blocks
+        self.text_in = dm.txt_in
         self.pooled_embedder = getattr(dm, "vector_in", None)
-
-    def text_embedder(self, raw):
-        return self.dm.txt_in(raw)
+        self.pooled_dim = getattr(getattr(dm, "params", None), "vec_in_dim", None)   # y[:, :vec_in_dim]
 
     @staticmethod
     def heads(block) -> int:
@@ -451,7 +449,7 @@ class _ConceptAttentionBlock:
         emb = cache.get(key)
         if emb is None:
             raw = rec.concept_embeds.to(device=like.device, dtype=like.dtype)
-            emb = cache[key] = self.stream.text_embedder(raw.unsqueeze(0))
+            emb = cache[key] = self.stream.text_in(raw.unsqueeze(0))
         emb = emb.expand(like.shape[0], -1, -1)
         concept_vec = vec
         y_emb = self.stream.pooled_embedder
@@ -459,9 +457,8 @@ class _ConceptAttentionBlock:
             # vec = t_emb (+ guidance) + y_emb(y): swap y_emb(y) for y_emb(0). The difference
             # depends only on the pooled text, which is the same call after call: reuse it.
             y = rec._y[rec.rows()].to(device=vec.device, dtype=vec.dtype)
-            in_dim = getattr(getattr(y_emb, "in_layer", None), "in_features", None)
-            if in_dim is not None:
-                y = y[:, :in_dim]                           # Flux reads y[:, :vec_in_dim]
+            if self.stream.pooled_dim is not None:
+                y = y[:, :self.stream.pooled_dim]
             last = cache.get("pooled")
             if last is None or last[0].shape != y.shape or not torch.equal(last[0], y):
                 last = cache["pooled"] = (y, y_emb(y) - y_emb(torch.zeros_like(y)))
@@ -537,14 +534,14 @@ def _concept_embeddings(clip, words: list, family: str = "sd3") -> torch.Tensor:
     That token sits after the start token when the encoder that makes the conditioning has one
     (CLIP, and the CLIP part that leads SD3's sequence), and first when it has none (T5, which
     alone makes Flux's sequence)."""
+    empty = clip.tokenize("")
+    key = "t5xxl" if family == "flux" and "t5xxl" in empty else ("l" if "l" in empty
+                                                                 else next(iter(empty)))
+    empty_first = int(empty[key][0][0][0])
     rows = []
     for w in words:
         tokens = clip.tokenize(w)
-        key = "t5xxl" if family == "flux" and "t5xxl" in tokens else ("l" if "l" in tokens
-                                                                       else next(iter(tokens)))
-        word = [int(t[0]) for t in tokens[key][0]]
-        empty = [int(t[0]) for t in clip.tokenize("")[key][0]]
-        first = 1 if word[0] == empty[0] else 0       # a shared first id is a start token
+        first = 1 if int(tokens[key][0][0][0]) == empty_first else 0   # a shared first id: a start token
         cond = clip.encode_from_tokens(tokens)
         cond = cond[0] if isinstance(cond, (tuple, list)) else cond
         rows.append(cond[0, first].float().cpu())
@@ -686,8 +683,7 @@ class ConceptLabSaliencyCapture:
         n = len(stream.blocks)
         chosen = self._layers(layers, n, range(n // 2, n))
         embeds = _concept_embeddings(clip, words, fam)
-        text_in = dm.context_embedder if isinstance(stream, _SD3Stream) else dm.txt_in
-        ctx_in = getattr(text_in, "in_features", None)
+        ctx_in = getattr(stream.text_in, "in_features", None)
         if ctx_in is not None and embeds.shape[-1] != ctx_in:
             raise fail(CAPTURE, f"The CLIP's vectors have {embeds.shape[-1]} channels, the "
                        f"model's text input has {ctx_in}.",
