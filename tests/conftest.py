@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -17,6 +18,28 @@ from types import SimpleNamespace
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+#: The reason prefix of a skip that is allowed on the current tier: a test about an old ComfyUI.
+#: With CONCEPTLAB_NO_SKIPS=1 (.ci/run's current-ComfyUI tier) every other skip fails the run.
+OLD_ONLY = "only for old ComfyUI: "
+
+
+def skip_old_only(reason: str):
+    """Skip a test that is about an old ComfyUI (allowed on every tier)."""
+    pytest.skip(OLD_ONLY + reason)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    if rep.skipped and os.environ.get("CONCEPTLAB_NO_SKIPS") == "1" and not hasattr(rep, "wasxfail"):
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
+        if not reason.removeprefix("Skipped: ").startswith(OLD_ONLY):
+            rep.outcome = "failed"
+            rep.longrepr = (f"skipped on a tier that allows no skips (CONCEPTLAB_NO_SKIPS=1) but for "
+                            f"tests about an old ComfyUI: {reason}")
 
 
 def _load_by_path(name: str, path: Path, package_dir: Path | None = None):
@@ -140,7 +163,14 @@ def tiny_flux(lab, scale: float = 0.05):
     import comfy.supported_models
     if not hasattr(comfy.supported_models, "Flux"):
         pytest.skip(f"{lab.version} has no Flux classes; set COMFYUI_PATH to a ComfyUI 0.3.x checkout")
-    mc = comfy.supported_models.Flux(dict(TINY_FLUX_CONFIG))
+    import dataclasses
+    import comfy.ldm.flux.model
+    cfg = dict(TINY_FLUX_CONFIG)
+    if "txt_ids_dims" in {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}:
+        # ComfyUI 0.33 made this a required field; its model detection sets [] for Flux.1
+        # (text tokens get no positional ids), which is what a real Flux.1 checkpoint loads with.
+        cfg["txt_ids_dims"] = []
+    mc = comfy.supported_models.Flux(cfg)
     with torch.inference_mode():
         base = mc.get_model({})
         g = torch.Generator().manual_seed(1)

@@ -4,7 +4,9 @@
 // - registers the extension "ConceptLab.Core";
 // - adds one boolean setting, "ConceptLab.ShowBadge" (default on);
 // - while that setting is on, gives every node whose type starts with "ConceptLab" a pack colour
-//   and a small "Concept Lab" tag in its title area, so users can tell which nodes are ours;
+//   and marks it once as ours: the PyPI front ends draw their own node-source badge on custom
+//   nodes ("ConceptLab", Comfy.NodeBadge.NodeSourceBadgeMode), so a "Concept Lab" tag is added
+//   only where no such badge shows (the 2024 front end, or the source badge turned off);
 // - exposes window.ConceptLab = { version, extensionLoaded } for tests.
 //
 // It runs on two generations of the ComfyUI front end:
@@ -22,6 +24,7 @@ const EXTENSION_NAME = "ConceptLab.Core";
 const SETTING_ID = "ConceptLab.ShowBadge";
 const TYPE_PREFIX = "ConceptLab";
 const BADGE_TEXT = "Concept Lab";
+const SOURCE_BADGE_SETTING = "Comfy.NodeBadge.NodeSourceBadgeMode";
 const COLORS = { title: "#3d2f66", body: "#241c3d", badgeFg: "#f2ecff", badgeBg: "#6a4fc4" };
 
 window.ConceptLab = { version: VERSION, extensionLoaded: false };
@@ -83,6 +86,18 @@ function badgeEnabled() {
     return value === undefined || value === null ? true : value !== false && value !== "false";
 }
 
+// True when the front end itself draws a node-source badge on custom nodes (front ends from
+// mid-2024 on; its modes are "None", "Hide built-in" and "Show all"), so ours would be a second.
+function frontEndShowsSourceBadge() {
+    const store = app?.extensionManager?.setting;
+    if (!store || typeof store.get !== "function") return false;
+    if (store.settings && typeof store.settings === "object" && !(SOURCE_BADGE_SETTING in store.settings)) {
+        return false;
+    }
+    const mode = store.get(SOURCE_BADGE_SETTING);
+    return mode !== undefined && mode !== null && mode !== "None";
+}
+
 // --- nodes ------------------------------------------------------------------------------------
 function nodeType(node) {
     return node?.comfyClass ?? node?.constructor?.comfyClass ?? node?.type ?? "";
@@ -109,16 +124,27 @@ function redraw() {
     }
 }
 
+function hasNoColour(value) {
+    return value === undefined || value === null;
+}
+
+function clearColour(node, key) {
+    // Front ends up to 1.4x keep the colour as an own property of the node; 1.5x front ends
+    // have an accessor over the node's tracked state, where only an assignment resets it.
+    node[key] = undefined;
+    if (Object.prototype.hasOwnProperty.call(node, key)) delete node[key];
+}
+
 function applyColours(node, on) {
     if (on) {
-        if (node.color === undefined && node.bgcolor === undefined) {
+        if (hasNoColour(node.color) && hasNoColour(node.bgcolor)) {
             node.color = COLORS.title;
             node.bgcolor = COLORS.body;
             colouredByUs.add(node);
         }
     } else if (colouredByUs.has(node)) {
-        if (node.color === COLORS.title) delete node.color;
-        if (node.bgcolor === COLORS.body) delete node.bgcolor;
+        if (node.color === COLORS.title) clearColour(node, "color");
+        if (node.bgcolor === COLORS.body) clearColour(node, "bgcolor");
         colouredByUs.delete(node);
     }
 }
@@ -138,10 +164,10 @@ function attachTag(node) {
     const badge = Array.isArray(node.badges) ? makeBadge() : null;
     if (badge) {
         // New front end: the canvas draws node.badges above the title; a function entry is
-        // evaluated on every draw, so the tag follows the setting without re-creating nodes.
+        // evaluated on every draw, so the tag follows both settings without re-creating nodes.
         const hidden = makeBadge();
         hidden.text = "";
-        node.badges.push(() => (badgeEnabled() ? badge : hidden));
+        node.badges.push(() => (badgeEnabled() && !frontEndShowsSourceBadge() ? badge : hidden));
         badgeByNode.set(node, badge);
         return;
     }

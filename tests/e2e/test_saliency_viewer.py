@@ -14,7 +14,7 @@ screenshot of the viewer.
 """
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import os
 import pathlib
@@ -32,18 +32,8 @@ RUN_TIMEOUT_MS = 120_000
 pytestmark = pytest.mark.e2e
 
 
-def _frontend_helpers():
-    """tests/e2e/test_frontend.py, imported by path (its browser and console-error helpers)."""
-    name = "conceptlab_e2e_test_frontend"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, HERE / "test_frontend.py")
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-fe = _frontend_helpers()
+cr = sys.modules["conceptlab_comfy_runtime"]          # benchmarks.comfy_runtime (tests/conftest.py)
+br = importlib.import_module("benchmarks.browser")              # loaded by tests/conftest.py
 
 # Bring the Maps node into view at scale 1 (so the viewer's controls can be clicked), and return
 # its id.
@@ -92,7 +82,8 @@ VIEWER_STATE_JS = """
 SAVED_NODE_JS = """
 async (id) => {
   const app = window.app;
-  const saved = app.graph.serialize().nodes.find((n) => n.id === id);
+  // Front end 1.48 keeps live node ids as strings but serialises them as numbers.
+  const saved = app.graph.serialize().nodes.find((n) => String(n.id) === String(id));
   const prompt = await app.graphToPrompt();
   return {widgets_values: saved.widgets_values, properties: saved.properties,
           prompt_inputs: Object.keys(prompt.output[String(id)].inputs)};
@@ -112,7 +103,7 @@ def _wait_app(page):
     page.wait_for_function(
         """(name) => window.app && window.app.graph && window.ConceptLab && window.ConceptLab.extensionLoaded
                      && Array.from(window.app.extensions || []).some((e) => e && e.name === name)""",
-        arg=VIEWER_EXTENSION, timeout=fe.LOAD_TIMEOUT_MS)
+        arg=VIEWER_EXTENSION, timeout=br.LOAD_TIMEOUT_MS)
 
 
 def _quick(workflow: dict, steps: int = 8) -> dict:
@@ -124,42 +115,35 @@ def _quick(workflow: dict, steps: int = 8) -> dict:
 
 
 def test_saliency_viewer_runs_switches_and_survives_reload(tmp_path, monkeypatch):
-    fe._skip_unless_browser()
+    why = br.available()
+    if why:
+        pytest.skip(why)
     from playwright.sync_api import sync_playwright
 
-    cr = fe._runtime()
     try:
         cr.comfy_root()
     except cr.ComfyNotFound as e:
         pytest.skip(str(e))
-    version = cr.comfy_version()
+    version, front_end = cr.comfy_version(), br.front_end_version()
     if not cr.is_modern():
-        pytest.skip(f"the saliency viewer test drives the 0.3.x front end (comfyui-frontend-package); "
-                    f"this is ComfyUI {version} with the 2024 built-in front end, where the viewer "
-                    "only has to load without errors (test_frontend.py checks that). Set "
-                    "COMFYUI_PATH to a ComfyUI 0.3.x checkout to run it.")
+        pytest.skip(f"the saliency viewer test drives the PyPI front end "
+                    f"(comfyui-frontend-package); this is ComfyUI {version} with the 2024 built-in "
+                    "front end, where the viewer only has to load without errors (test_frontend.py "
+                    "checks that).")
+    baseline = br.front_end_baseline()
     workflow = _quick(json.loads(WORKFLOW.read_text()))
     # One torch thread in the server: on a busy 2-core machine OpenMP threads wait on each other
     # and sampling even this tiny model can take many times longer.
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
     base = tmp_path / "comfy"
-    fe._seed_user_settings(base)
-    errors: list[str] = []
-    page_errors: list[str] = []
-
-    def on_console(msg):
-        loc = msg.location or {}
-        if msg.type == "error" and not fe._is_ignorable(msg.text, loc.get("url", "")):
-            errors.append(f"{msg.text}  [{loc.get('url', '')}:{loc.get('lineNumber', '')}]")
-
+    br.seed_user(base)
     with cr.ComfyServer(base=base) as srv, sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=fe.CHROMIUM, headless=True, args=fe.CHROMIUM_ARGS)
+        browser = br.launch(pw)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 820})
-            page.on("console", on_console)
-            page.on("pageerror", lambda exc: page_errors.append(str(exc)))
-            page.goto(srv.url + "/", wait_until="load", timeout=fe.LOAD_TIMEOUT_MS)
+            page = br.new_page(browser, viewport=(1280, 820))
+            watch = br.ConsoleWatch().attach(page)
+            page.goto(srv.url + "/", wait_until="load", timeout=br.LOAD_TIMEOUT_MS)
             _wait_app(page)
 
             # Load the example workflow into the page and queue it from the page.
@@ -172,8 +156,8 @@ def test_saliency_viewer_runs_switches_and_survives_reload(tmp_path, monkeypatch
             try:
                 first = _wait_ready(page, node_id, 0, RUN_TIMEOUT_MS)
             except Exception as e:
-                pytest.fail(f"the viewer never showed a picture ({e})\nconsole errors: {errors}\n"
-                            f"page errors: {page_errors}\nserver log:\n{srv.log()[-4000:]}")
+                pytest.fail(f"the viewer never showed a picture ({e})\nconsole errors: {watch.errors}\n"
+                            f"page errors: {watch.page_errors}\nserver log:\n{srv.log()[-4000:]}")
             assert first["connected"] and first["visible"], first["status"]
             assert first["words"] == ["seven", "two"], first
             assert first["pressed"] == ["seven"] and first["images"] == 2, first
@@ -219,7 +203,7 @@ def test_saliency_viewer_runs_switches_and_survives_reload(tmp_path, monkeypatch
             # Reload: the workflow (with the node's saved viewer state) comes back from the
             # front end's workflow persistence, and the viewer repaints the same picture.
             page.wait_for_timeout(1200)   # the 2024 front end saves the open graph once a second
-            page.reload(wait_until="load", timeout=fe.LOAD_TIMEOUT_MS)
+            page.reload(wait_until="load", timeout=br.LOAD_TIMEOUT_MS)
             _wait_app(page)
             page.wait_for_function("(id) => !!window.app.graph.getNodeById(id)", arg=node_id,
                                    timeout=30_000)
@@ -232,5 +216,7 @@ def test_saliency_viewer_runs_switches_and_survives_reload(tmp_path, monkeypatch
         finally:
             browser.close()
 
-    assert not page_errors, f"uncaught page errors on ComfyUI {version}: {page_errors}"
-    assert not errors, f"console errors on ComfyUI {version}:\n" + "\n".join(errors)
+    added = watch.added_by_pack(baseline)
+    assert not added, (f"console errors the pack added on ComfyUI {version}, front end {front_end}:\n"
+                       + "\n".join(added) + f"\nthe front end's own (baseline): {sorted(baseline)}")
+    assert not watch.pack_warnings, "console warnings about the pack:\n" + "\n".join(watch.pack_warnings)

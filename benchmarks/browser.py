@@ -1,0 +1,210 @@
+"""Headless Chromium against a real ComfyUI server: what the front-end tests and the gallery share.
+
+- :func:`launch` starts Debian's Chromium through Python playwright with the flags this offline
+  machine needs.
+- :func:`seed_user` writes a returning user's settings into a server's base folder, and
+  :data:`BLANK_WORKFLOW_INIT_JS` gives the page an empty last workflow, so the front end does not
+  open its default template (on 1.48 that is Z-Image Turbo, whose missing models make the page try
+  to reach a model hub; the CSP blocks that and logs console errors that have nothing to do with
+  any custom node).
+- :class:`ConsoleWatch` collects console errors, page errors and warnings.
+- :func:`front_end_baseline` loads the same page from the same ComfyUI **without** the pack and
+  returns the console errors the front end logs by itself. A test then fails only on errors
+  that the pack adds, whatever front end it runs on.
+- What is excused (:meth:`ConsoleWatch.added_by_pack`): errors in the baseline, and requests the
+  front end itself makes to hosts outside this machine (the Comfy Registry, model hubs), which
+  fail here because the sandbox has no internet and ComfyUI's CSP allows only its own origin.
+  Front end 1.32.9, for one, asks the registry about every node pack of a loaded workflow. An
+  error logged from the pack's own scripts (/extensions/ConceptLab/) is never excused, nor one
+  that names the pack unless it is such an external request.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import comfy_runtime as cr
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+LOAD_TIMEOUT_MS = 90_000
+
+# Settings of a returning user, written before the server starts (read by the PyPI front ends;
+# the 2024 snapshot keeps its user folder elsewhere and does not see them).
+# - Comfy.TutorialCompleted: no first-run templates dialog over the canvas.
+# - Comfy.Canvas.*: front end 1.28.8 on a fresh user sets Comfy.Canvas.LeftMouseClickBehavior /
+#   MouseWheelScroll from NavigationMode's onChange before they are registered, and throws an
+#   uncaught "Cannot read properties of undefined (reading 'id')" (a front-end bug, before any
+#   extension is imported). With the values stored, nothing changes there.
+RETURNING_USER_SETTINGS = {
+    "Comfy.TutorialCompleted": True,
+    "Comfy.Canvas.NavigationMode": "legacy",
+    "Comfy.Canvas.LeftMouseClickBehavior": "panning",
+    "Comfy.Canvas.MouseWheelScroll": "zoom",
+}
+
+# Once per tab (sessionStorage survives a reload, so a reload restores what the test loaded).
+BLANK_WORKFLOW_INIT_JS = """
+(() => { try {
+  if (!sessionStorage.getItem('conceptlab-test-seeded')) {
+    sessionStorage.setItem('conceptlab-test-seeded', '1');
+    if (!localStorage.getItem('workflow')) localStorage.setItem('workflow', JSON.stringify(
+      {last_node_id: 0, last_link_id: 0, nodes: [], links: [], groups: [], config: {}, extra: {}, version: 0.4}));
+  } } catch (e) { /* storage disabled */ } })();
+"""
+
+# Waits until the app has finished setup (window.app is assigned after every extension's hooks ran).
+APP_READY_JS = "() => !!(window.app && window.app.graph)"
+
+_PACK_RX = re.compile(r"concept[_ ]?lab", re.IGNORECASE)
+_PACK_SCRIPT_RX = re.compile(r"/extensions/ConceptLab/")
+# A request to another host, refused by the page's CSP or failed for lack of a network.
+_EXTERNAL_RX = re.compile(
+    r"(violates the following Content Security Policy directive: \"connect-src"
+    r"|Fetch API cannot load https?://(?!127\.0\.0\.1[:/])"
+    r"|^Failed to load resource: net::ERR_(NAME_NOT_RESOLVED|INTERNET_DISCONNECTED|CONNECTION_REFUSED"
+    r"|ADDRESS_UNREACHABLE|NETWORK_CHANGED|TIMED_OUT|CONNECTION_TIMED_OUT))")
+
+
+def available() -> str | None:
+    """None when the browser tests can run, else the reason they cannot."""
+    if not os.path.exists(CHROMIUM):
+        return f"front-end tests need Chromium at {CHROMIUM} (Debian package 'chromium')"
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError as e:
+        return f"front-end tests need the playwright Python package ({e})"
+    return None
+
+
+def launch(pw):
+    return pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+
+
+def seed_user(base: Path, extra: dict | None = None) -> None:
+    user = Path(base) / "user" / "default"
+    user.mkdir(parents=True, exist_ok=True)
+    settings = dict(RETURNING_USER_SETTINGS, **(extra or {}))
+    (user / "comfy.settings.json").write_text(json.dumps(settings, indent=2))
+
+
+def new_page(browser, viewport=(1400, 900), locale: str | None = None):
+    kw = {"viewport": {"width": viewport[0], "height": viewport[1]}}
+    if locale:
+        kw["locale"] = locale
+    page = browser.new_page(**kw)
+    page.add_init_script(BLANK_WORKFLOW_INIT_JS)
+    return page
+
+
+def normalise(text: str) -> str:
+    """A console message without what changes from run to run (the server's port)."""
+    return re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:PORT", text)
+
+
+@dataclass
+class ConsoleWatch:
+    """Console errors, uncaught page errors, and warnings that mention the pack."""
+
+    errors: list = field(default_factory=list)        # (text, url)
+    page_errors: list = field(default_factory=list)
+    pack_warnings: list = field(default_factory=list)
+
+    def attach(self, page) -> "ConsoleWatch":
+        page.on("console", self._on_console)
+        page.on("pageerror", lambda exc: self.page_errors.append(str(exc)))
+        return self
+
+    def _on_console(self, msg) -> None:
+        loc = msg.location or {}
+        url = loc.get("url", "") or ""
+        if msg.type == "error":
+            self.errors.append((msg.text, url))
+        elif msg.type == "warning" and _PACK_RX.search(f"{msg.text} {url}"):
+            self.pack_warnings.append(f"{msg.text}  [{url}:{loc.get('lineNumber', '')}]")
+
+    def keys(self) -> set:
+        return {normalise(f"{t}  [{u}]") for t, u in self.errors} | {normalise(e) for e in self.page_errors}
+
+    def external(self) -> list[str]:
+        """The front end's failed requests to other hosts (excused: no internet here)."""
+        return [f"{t}  [{u}]" for t, u in self.errors if self._is_external(t, u)]
+
+    @staticmethod
+    def _is_external(text: str, url: str) -> bool:
+        if _PACK_SCRIPT_RX.search(url) or not _EXTERNAL_RX.search(text):
+            return False
+        # for "Failed to load resource", ``url`` is the resource itself: it must be elsewhere
+        return not (text.startswith("Failed to load resource") and url.startswith("http://127.0.0.1"))
+
+    def added_by_pack(self, baseline: set) -> list[str]:
+        """Errors (console and uncaught) that the pack adds: see the module doc for what is
+        excused."""
+        out = []
+        for t, u in self.errors:
+            if _PACK_SCRIPT_RX.search(u):
+                out.append(f"{t}  [{u}]")
+            elif self._is_external(t, u):
+                continue
+            elif _PACK_RX.search(f"{t} {u}") or normalise(f"{t}  [{u}]") not in baseline:
+                out.append(f"{t}  [{u}]")
+        for e in self.page_errors:
+            if _PACK_RX.search(e) or normalise(e) not in baseline:
+                out.append(f"uncaught: {e}")
+        return out
+
+
+_BASELINES: dict = {}
+
+
+def front_end_baseline(settle_ms: int = 4000) -> set:
+    """Console errors of a plain page load of this ComfyUI and front end, without the pack.
+
+    Cached per process and front end. The page is loaded as the tests load it (returning user,
+    blank last workflow) and given ``settle_ms`` to log late errors."""
+    from playwright.sync_api import sync_playwright
+    key = (str(cr.comfy_root()), os.environ.get("CONCEPTLAB_FRONT_END_ROOT", ""))
+    if key in _BASELINES:
+        return _BASELINES[key]
+    keys: set = set()
+    with tempfile.TemporaryDirectory(prefix="conceptlab-baseline-") as tmp:
+        base = Path(tmp)
+        seed_user(base)
+        # two loads: the first builds the user's files (settings saved, workflows folder), the
+        # second is a returning visit, as a reload in a test is
+        with cr.ComfyServer(base=base, pack=False) as srv, sync_playwright() as pw:
+            browser = launch(pw)
+            try:
+                page = new_page(browser)
+                watch = ConsoleWatch().attach(page)
+                page.goto(srv.url + "/", wait_until="load", timeout=LOAD_TIMEOUT_MS)
+                page.wait_for_function(APP_READY_JS, timeout=LOAD_TIMEOUT_MS)
+                page.wait_for_timeout(settle_ms)
+                page.reload(wait_until="load", timeout=LOAD_TIMEOUT_MS)
+                page.wait_for_function(APP_READY_JS, timeout=LOAD_TIMEOUT_MS)
+                page.wait_for_timeout(settle_ms)
+                keys = watch.keys()
+            finally:
+                browser.close()
+    _BASELINES[key] = keys
+    return keys
+
+
+def front_end_version() -> str:
+    """The comfyui-frontend-package version the server will serve ('built-in' for the 2024 one)."""
+    root = os.environ.get("CONCEPTLAB_FRONT_END_ROOT")
+    if root:
+        m = re.search(r"frontend/([^/]+)/", root + "/")
+        return m.group(1) if m else root
+    try:
+        from importlib.metadata import version
+        if cr.is_modern():
+            return version("comfyui-frontend-package")
+    except Exception:  # noqa: BLE001  (not installed: the built-in front end)
+        pass
+    return "built-in (2024)"
