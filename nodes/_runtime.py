@@ -137,6 +137,27 @@ def load_for_compute(*models) -> None:
 
 
 @contextlib.contextmanager
+def comfy_training_mode() -> Iterator[None]:
+    """ComfyUI's own switch for differentiable code paths, on for the duration of the block.
+
+    ``comfy.model_management.in_training`` (ComfyUI 0.3.7x and later; its TrainLoraNode sets it
+    the same way) makes model code take plain-torch paths that autograd can go through: on
+    ComfyUI 0.33, Flux's RoPE otherwise runs comfy_kitchen's ``apply_rope`` custom op, which has
+    no backward ("Trying to backward through comfy_kitchen.apply_rope.default"). The old value
+    is restored on exit; older ComfyUI has no such switch and needs none."""
+    mm = comfy.model_management
+    if not hasattr(mm, "in_training"):
+        yield
+        return
+    old = mm.in_training
+    mm.in_training = True
+    try:
+        yield
+    finally:
+        mm.in_training = old
+
+
+@contextlib.contextmanager
 def gradients_through(
     model,
     trainable: Iterable[str] | Callable[[str], bool] = (),
@@ -149,7 +170,8 @@ def gradients_through(
     of ``model.model.diffusion_model`` as a normal tensor over the same storage, so backward
     works without a second copy of the model. ``trainable`` names (relative to the diffusion
     model) get ``requires_grad``; for them, weights in fp16/bf16 are lifted to ``grad_dtype``.
-    On exit the original parameter objects are restored. ComfyUI's forward code updates
+    On exit the original parameter objects are restored. ComfyUI's differentiable code paths are
+    switched on meanwhile (:func:`comfy_training_mode`). ComfyUI's forward code updates
     activations in place (``x += ...``); ``snapshot_saved`` (see ``kernels.autograd``) makes
     that safe for backward.
 
@@ -159,7 +181,7 @@ def gradients_through(
     base = _base_model(model)
     if base is None:
         raise TypeError("gradients_through() needs a ComfyUI MODEL (ModelPatcher)")
-    with torch.inference_mode(False), torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad(), comfy_training_mode():
         with differentiable_weights(base.diffusion_model, trainable, grad_dtype, snapshot_saved) as view:
             yield view
 

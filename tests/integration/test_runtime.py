@@ -182,3 +182,23 @@ def test_model_info_node(lab, demo):
     assert info["family"] == "sd1" and info["kv_layers"] == 14 and info["kv_weights"] == 45056
     assert "concept-neuron candidates" in out["ui"]["text"][1]
     guard.check("ConceptLab Model Info")
+
+
+def test_gradients_through_switches_on_comfyuis_training_paths(lab, demo):
+    """Inside gradients_through, ComfyUI's in_training switch is on (0.3.7x and later: model code
+    then avoids custom ops with no backward, e.g. comfy_kitchen's RoPE on 0.33), and it is
+    restored afterwards, also when the block raises."""
+    import comfy.model_management as mm
+    rt = lab.runtime
+    if not hasattr(mm, "in_training"):          # ComfyUI before 0.3.7x: no switch, none added
+        with rt.gradients_through(demo.model):
+            assert not hasattr(mm, "in_training")
+        return
+    assert mm.in_training is False
+    with rt.gradients_through(demo.model):
+        assert mm.in_training is True
+    assert mm.in_training is False
+    with pytest.raises(RuntimeError, match="boom"):
+        with rt.gradients_through(demo.model):
+            raise RuntimeError("boom")
+    assert mm.in_training is False
