@@ -160,7 +160,8 @@ def measure_model(key: str, args) -> dict:
     t0 = time.time()
     with torch.inference_mode():
         for pi, (prompt, words) in enumerate([] if args.overhead_only else prompts):
-            patched, rec = _capture(sal, model, clip, prompt, words, compare=names[1:])
+            # each method by name ('auto' picks cross-attention on the small demo DiT)
+            patched, rec = _capture(sal, model, clip, prompt, words, names[0], names[1:])
             img, _ = _sample(patched, clip, vae, prompt, args.images, 1000 + pi, args.steps, cfg)
             for name, r in _segmentation(K, J, judge, sal, rec, img, names).items():
                 s = seg.setdefault(name, {"iou": [], "acc": []})

@@ -3,7 +3,7 @@ apply (with a strength), combine several, and describe them.
 
 Graph shapes::
 
-    MODEL, CLIP, VAE, IMAGE (3-10 photos of the subject), "a three"
+    MODEL, CLIP, VAE, IMAGE (1-10 photos of the subject; 3-10 views work best), "a three"
         -> ConceptLab Concept Neurons Extract -> CONCEPT_NEURONS -> ConceptLab Concept Neurons Save
     ConceptLab Concept Neurons Load -> CONCEPT_NEURONS --\\
     MODEL ------------------------------------------------ ConceptLab Concept Neurons Apply -> MODEL -> KSampler
@@ -61,6 +61,12 @@ APPLY = "ConceptLab Concept Neurons Apply"
 COMBINE = "ConceptLab Concept Neurons Combine"
 INFO = "ConceptLab Concept Neurons Info"
 
+#: Reference images Extract takes: Cones learns the subject from a few views of it (3 to 10 work
+#: best, as in the paper's setting); 1 or 2 run, with a note in the info output, more than 10
+#: are refused (like Seed Search's references: a few typical views, and memory bounded).
+MAX_REFERENCES = 10
+GOOD_REFERENCES = 3
+
 MAX_FILE_BYTES = 256 * 1024 * 1024
 MAX_LAYERS = 4096
 MAX_LAYER_NUMEL = 1 << 31
@@ -69,27 +75,67 @@ MAX_LAYER_NUMEL = 1 << 31
 # --------------------------------------------------------------------------------------------
 # models/concept_neurons (registered once, at import, in both ComfyUI versions)
 # --------------------------------------------------------------------------------------------
+# Names are checked as text, never by where links lead: a name that escapes (an absolute path, a
+# drive letter, a '..' component) is refused, and links inside a concept folder (a symlinked
+# sub-folder or file, e.g. models kept on another disk) are followed, as ComfyUI's folder_paths
+# lists and opens them. Only the machine's user can make links there; a /prompt client can only
+# send names.
 def register_folder() -> None:
+    """Register models/concept_neurons (plus the pack's demo concepts). ComfyUI reads
+    extra_model_paths.yaml before it loads custom nodes: a 'concept_neurons:' entry there creates
+    the folder entry first, with the user's path and no file-type filter. That path stays first
+    (Save writes there), models/concept_neurons is added after it, and only .safetensors files
+    are listed."""
     fnp = folder_paths.folder_names_and_paths
+    default = os.path.join(folder_paths.models_dir, FOLDER)
     if FOLDER not in fnp:
-        fnp[FOLDER] = ([os.path.join(folder_paths.models_dir, FOLDER)], {".safetensors"})
-    paths = fnp[FOLDER][0]
-    if DEMO_FOLDER not in paths:
-        paths.append(DEMO_FOLDER)
+        fnp[FOLDER] = ([default], {".safetensors"})
+    paths, exts = fnp[FOLDER]
+    for folder in (default, DEMO_FOLDER):
+        if folder not in paths:
+            paths.append(folder)
+    if set(exts) != {".safetensors"}:
+        fnp[FOLDER] = (paths, {".safetensors"})
 
 
 register_folder()
 
 
 def save_dir() -> str:
-    return folder_paths.get_folder_paths(FOLDER)[0]
+    return os.path.abspath(folder_paths.get_folder_paths(FOLDER)[0])
+
+
+def escapes(name: str) -> bool:
+    """Whether a file name would leave the folder it is joined to: empty, a NUL, an absolute
+    path (either separator, UNC), a drive letter ('C:...'), or a '..' component."""
+    return (not name or "\x00" in name or os.path.isabs(name) or name[0] in "/\\"
+            or re.match(r"[A-Za-z]:", name) is not None or ".." in re.split(r"[\\/]", name))
+
+
+def find_concept_file(filename: str) -> tuple:
+    """(path, dangling link) of a name inside the concept folders: the first folder where it is a
+    file (links followed), else (None, the first link there that leads nowhere, or None)."""
+    dangling = None
+    if escapes(filename):
+        return None, None
+    for base in folder_paths.get_folder_paths(FOLDER):
+        full = os.path.join(base, filename)
+        if os.path.isfile(full):
+            return full, None
+        if dangling is None and os.path.islink(full):
+            dangling = full
+    return None, dangling
 
 
 def concept_files() -> list:
+    """The names Load's menu offers: every .safetensors in the concept folders (through links,
+    as ComfyUI lists them) that Load can open; dangling links and names Load would refuse are
+    left out."""
     try:
-        return sorted(folder_paths.get_filename_list(FOLDER))
+        names = folder_paths.get_filename_list(FOLDER)
     except Exception:  # noqa: BLE001  (an unreadable folder must not break the node list)
         return []
+    return sorted(n for n in names if find_concept_file(n)[0] is not None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,35 +293,39 @@ def read_file(path: str, node: str = LOAD) -> ConceptNeurons:
 
 
 def safe_path(filename: str, node: str = LOAD) -> str:
-    """Resolve a file name inside the concept folders; anything outside them is refused."""
+    """The file a Load name stands for, inside the concept folders; a clear error otherwise."""
     fix = "Pick a file from the list; concept files live in models/concept_neurons."
-    if not filename or "\x00" in filename or os.path.isabs(filename) or ".." in re.split(r"[\\/]", filename):
-        raise fail(node, f"'{filename}' is not a file name inside the concept folder.", fix)
-    for base in folder_paths.get_folder_paths(FOLDER):
-        base_r = os.path.realpath(base)
-        full = os.path.realpath(os.path.join(base_r, filename))
-        if os.path.commonpath([full, base_r]) != base_r:
-            raise fail(node, f"'{filename}' points outside the concept folder.", fix)
-        if os.path.isfile(full):
-            return full
+    if escapes(filename):
+        raise fail(node, f"'{filename}' is not a file name inside the concept folder "
+                   "(absolute paths, drive letters and '..' are refused).", fix)
+    path, dangling = find_concept_file(filename)
+    if path is not None:
+        return path
+    if dangling is not None:
+        raise fail(node, f"'{filename}' is a link to '{os.readlink(dangling)}', which does not exist.",
+                   "Connect the disk the link points to, or fix or remove the link in "
+                   "models/concept_neurons.")
     raise fail(node, f"Concept file '{filename}' was not found.", fix)
 
 
 def next_save_path(prefix: str, node: str = SAVE) -> str:
-    """``<folder>/<prefix>_00001_.safetensors`` with the first free counter (like SaveImage)."""
+    """``<folder>/<prefix>_00001_.safetensors`` with the first free counter (like SaveImage).
+
+    The prefix is checked as text (no absolute path, drive letter or '..'; letters, digits,
+    '-', '_', '.', spaces and '/' sub-folders), so the file lands inside the save folder, or
+    inside a folder the user linked there."""
     prefix = (prefix or "concept").strip()
-    if os.path.isabs(prefix) or ".." in re.split(r"[\\/]", prefix) or not re.fullmatch(r"[\w\-. /]+", prefix):
+    parts = [part for part in re.split(r"[\\/]", prefix) if part not in ("", ".")]
+    if escapes(prefix) or not re.fullmatch(r"[\w\-. /]+", prefix) or not parts:
         raise fail(node, f"The file name prefix '{prefix}' is not allowed.",
-                   "Use letters, digits, '-', '_' and optional sub-folders, no '..' or absolute paths.")
-    root = os.path.realpath(save_dir())
-    full_prefix = os.path.realpath(os.path.join(root, prefix))
-    if os.path.commonpath([full_prefix, root]) != root:
-        raise fail(node, f"'{prefix}' points outside the concept folder.", "Use a relative name.")
+                   "Use letters, digits, '-', '_' and optional sub-folders, e.g. 'my_subject/three'; "
+                   "no '..' or absolute paths.")
+    full_prefix = os.path.join(save_dir(), *parts)
     os.makedirs(os.path.dirname(full_prefix), exist_ok=True)
     counter = 1
     while True:
         path = f"{full_prefix}_{counter:05d}_.safetensors"
-        if not os.path.exists(path):
+        if not os.path.lexists(path):
             return path
         counter += 1
 
@@ -480,6 +530,64 @@ class ConceptLoss:
         return float(loss.detach()), grads
 
 
+def vae_ratio(vae) -> int:
+    """Pixels per latent pixel of an image VAE (8 for SD, SDXL, SD3 and Flux VAEs)."""
+    ratio = None
+    if hasattr(vae, "spacial_compression_encode"):          # 0.3.x: also video VAEs' (t, h, w)
+        try:
+            ratio = vae.spacial_compression_encode()
+        except Exception:  # noqa: BLE001
+            ratio = None
+    if not isinstance(ratio, int):
+        ratio = getattr(vae, "downscale_ratio", 8)
+    return ratio if isinstance(ratio, int) and ratio > 0 else 8
+
+
+def max_latent_side(base) -> Optional[int]:
+    """The largest latent side the diffusion model can take, where it has one: SD3's MMDiT has a
+    learned position embedding of ``pos_embed_max_size`` patches a side. None: no limit."""
+    dm = base.diffusion_model
+    size = getattr(dm, "pos_embed_max_size", None)
+    if not size or getattr(dm, "pos_embed", None) is None:
+        return None
+    patch = getattr(getattr(dm, "x_embedder", None), "patch_size", (1,))
+    return int(size) * int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+
+
+def check_references(images, vae, base, node: str = EXTRACT) -> torch.Tensor:
+    """The reference images as (N, H, W, 3), or a clear error: an IMAGE batch of 1 to 10 images,
+    each side at least one latent pixel of the VAE and at most what the model can take."""
+    if not torch.is_tensor(images) or images.ndim != 4 or images.shape[-1] not in (1, 3, 4) \
+            or not images.is_floating_point():
+        what = type(images).__name__ if not torch.is_tensor(images) else f"a tensor of shape {tuple(images.shape)}"
+        raise fail(node, f"The 'images' input is {what}, not an IMAGE (B, H, W, 3).",
+                   "Connect images of the subject, e.g. from Load Image (several: Image Batch).")
+    n, h, w = images.shape[0], images.shape[1], images.shape[2]
+    if n < 1:
+        raise fail(node, "No reference images were given.",
+                   f"Connect 1 to {MAX_REFERENCES} images of the subject to the 'images' input "
+                   f"({GOOD_REFERENCES} to {MAX_REFERENCES} different views work best).")
+    if n > MAX_REFERENCES:
+        raise fail(node, f"{n} reference images were given; at most {MAX_REFERENCES} are used.",
+                   f"Pass {MAX_REFERENCES} or fewer ({GOOD_REFERENCES} to {MAX_REFERENCES} different views "
+                   "of the subject work best).")
+    r = vae_ratio(vae)
+    if h < r or w < r:
+        raise fail(node, f"The reference images are {w}x{h} pixels; the VAE needs at least {r}x{r} "
+                   f"(it makes one latent pixel from {r}x{r} pixels).",
+                   "Use pictures of the subject at the model's resolution (64x64 for the demo models, "
+                   "512x512 for SD1.x, 1024x1024 for SDXL, SD3 and Flux); enlarge small ones with "
+                   "Upscale Image.")
+    most = max_latent_side(base)
+    if most is not None and max(h, w) // r > most:
+        raise fail(node, f"The reference images are {w}x{h} pixels; this model's position embedding "
+                   f"covers at most {most * r}x{most * r}.",
+                   "Scale the images down to the model's resolution (Upscale Image / ImageScale), "
+                   "e.g. 1024x1024.")
+    images = images.float()
+    return images.expand(-1, -1, -1, 3) if images.shape[-1] == 1 else images[..., :3]
+
+
 def images_to_latents(vae, images: torch.Tensor, base, node: str = EXTRACT) -> torch.Tensor:
     lat = vae.encode(images[:, :, :, :3])
     want = latent_channels(base)
@@ -515,11 +623,7 @@ def run_search(loss: ConceptLoss, layers: dict, settings: ExtractSettings, step=
 def extract(model, clip, vae, images: torch.Tensor, class_prompt: str, settings: ExtractSettings,
             node_id=None, node: str = EXTRACT, prior_latents: Optional[torch.Tensor] = None) -> ConceptNeurons:
     fam = require_family(node, model, SUPPORTED, "Concept-neuron extraction")
-    if images is None or images.ndim != 4 or images.shape[0] < 1:
-        raise fail(node, "No reference images.", "Connect an IMAGE batch of 3 to 10 photos of the subject.")
-    if images.shape[0] > 64:
-        raise fail(node, f"{images.shape[0]} reference images is far more than needed.",
-                   "Use 3 to 10 images of the subject (batch them with Image Batch).")
+    images = check_references(images, vae, model.model, node)
     if not class_prompt.strip():
         raise fail(node, "The class prompt is empty.", "Type the subject's class, e.g. 'a dog' or 'a three'.")
     if settings.procedure not in K.PROCEDURES:
@@ -550,6 +654,8 @@ def extract(model, clip, vae, images: torch.Tensor, class_prompt: str, settings:
     cn = ConceptNeurons(indices={n: res.indices[n] for n in sorted(layers)}, layers=layers, fingerprint=fp,
                         family=fam, class_word=class_prompt.strip(), names=[class_prompt.strip()],
                         settings={k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(settings).items()})
+    if images.shape[0] < GOOD_REFERENCES:
+        log.warning("%s: only %d reference image(s); %s", node, images.shape[0], few_references_note(images.shape[0]))
     cn.stats = {"evaluations": res.evaluations, "loss_start": res.losses[0] if res.losses else None,
                 "loss_end": res.losses[-1] if res.losses else None, "stopped_early": res.stopped_early,
                 "seconds": round(time.perf_counter() - t0, 2), "images": int(images.shape[0]),
@@ -560,6 +666,11 @@ def extract(model, clip, vae, images: torch.Tensor, class_prompt: str, settings:
 # --------------------------------------------------------------------------------------------
 # text
 # --------------------------------------------------------------------------------------------
+def few_references_note(n: int) -> str:
+    return (f"Cones learns the subject from a few views of it ({GOOD_REFERENCES} to {MAX_REFERENCES} work "
+            f"best); with {n}, the concept may hold that picture rather than the subject.")
+
+
 def info_text(concept: ConceptNeurons) -> str:
     blobs = concept.encoded()
     nbytes = sum(int(b.numel()) for b in blobs.values())
@@ -571,6 +682,9 @@ def info_text(concept: ConceptNeurons) -> str:
         c = int(concept.indices[n].numel())
         if c:
             lines.append(f"  {n}: {c}")
+    n_images = concept.stats.get("images") if isinstance(concept.stats, dict) else None
+    if isinstance(n_images, int) and 0 < n_images < GOOD_REFERENCES:
+        lines.append(f"note: {n_images} reference image(s). {few_references_note(n_images)}")
     if concept.settings:
         s = concept.settings
         lines.append(f"settings: procedure {s.get('procedure')}, budget {s.get('budget_fraction')}, "
@@ -629,7 +743,11 @@ class ConceptLabConceptNeuronsExtract:
             "model": ("MODEL", {"tooltip": "The model to find the subject's neurons in (SD1.x, SD2.x, SDXL, SD3, Flux)."}),
             "clip": ("CLIP", {"tooltip": "The model's text encoder (encodes the class prompt)."}),
             "vae": ("VAE", {"tooltip": "The model's VAE (encodes the reference images)."}),
-            "images": ("IMAGE", {"tooltip": "3 to 10 images of the subject, at the model's resolution."}),
+            "images": ("IMAGE", {"tooltip": f"1 to {MAX_REFERENCES} images of the subject (a batch; "
+                                            f"{GOOD_REFERENCES} to {MAX_REFERENCES} different views work best), "
+                                            "at the model's resolution: at least 8x8 pixels, e.g. 64x64 for "
+                                            "the demo models, 512x512 for SD1.x, 1024x1024 for SDXL, SD3 and "
+                                            "Flux."}),
             "class_prompt": ("STRING", {"default": "a three", "multiline": False,
                                         "tooltip": "The plain class of the subject, e.g. 'a dog'. After applying "
                                                    "the concept this prompt draws the subject."}),
@@ -699,7 +817,7 @@ class ConceptLabConceptNeuronsSave:
         back = read_file(path, SAVE)  # verify: the file holds exactly what we meant to save
         if any(not torch.equal(back.indices[n], concept.indices[n]) for n in concept.indices):
             raise fail(SAVE, "The saved file does not read back identically.", "Check the disk; the file was kept.")
-        rel = os.path.relpath(path, os.path.realpath(save_dir()))
+        rel = os.path.relpath(path, save_dir())
         log.info("ConceptLab: saved concept neurons to %s (%d bytes)", path, nbytes)
         return {"ui": {"text": [f"{rel} ({nbytes} bytes)"]}, "result": (rel,)}
 

@@ -86,10 +86,31 @@ DIT_SHIFT = 1.0
 #: unconditional average, and guidance extrapolates that difference.
 DEFAULT_CFG = {"digits_unet": 3.0, "digits_dit": 3.0}
 
+#: The node's menu values: short and stable, because API scripts type them. What each model is
+#: goes in the tooltip (DEMO_MODEL_TOOLTIP), never in the value.
 DEMO_MODELS = {
-    "digits-unet (SD1.x architecture)": "digits_unet",
-    "digits-dit (SD3 MMDiT architecture, ComfyUI 0.3.x)": "digits_dit",
+    "digits-unet": "digits_unet",
+    "digits-dit": "digits_dit",
 }
+#: Values earlier releases used, kept loading and running: workflows saved with them (UI and API
+#: format) still hold them. ConceptLab Load Demo Model's VALIDATE_INPUTS accepts them (ComfyUI
+#: then skips its own "value not in list" check for that input) and load() maps them.
+LEGACY_DEMO_MODELS = {
+    "digits-unet (SD1.x architecture)": "digits-unet",
+    "digits-dit (SD3 MMDiT architecture, ComfyUI 0.3.x)": "digits-dit",
+}
+DEMO_MODEL_TOOLTIP = (
+    "Which bundled demo model to load. digits-unet: an SD1.x-architecture UNet (v-prediction), "
+    "every ComfyUI version. digits-dit: an SD3 MMDiT (rectified flow), ComfyUI 0.3.x and newer. "
+    "Both share a tiny CLIP text encoder and VAE; use a 64x64 latent, about 20 steps, CFG 3.")
+
+
+def demo_model_key(value) -> str | None:
+    """The weights key ('digits_unet', 'digits_dit') of a menu value, current or legacy."""
+    if not isinstance(value, str):
+        return None
+    value = value.strip()
+    return DEMO_MODELS.get(LEGACY_DEMO_MODELS.get(value, value))
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,6 +323,11 @@ def build_demo_clip_vision(directory: str | None = None):
 # --------------------------------------------------------------------------------------------
 # nodes
 # --------------------------------------------------------------------------------------------
+def _unknown_demo_model(value):
+    return fail("ConceptLab Load Demo Model", f"Unknown demo model '{value}'.",
+                f"Pick one of: {', '.join(DEMO_MODELS)}.")
+
+
 class ConceptLabLoadDemoModel:
     DESCRIPTION = ("Loads one of Concept Lab's bundled demo models (tiny, CPU-friendly, nothing to "
                    "download) as ordinary MODEL, CLIP and VAE outputs, so every Concept Lab node "
@@ -323,14 +349,21 @@ class ConceptLabLoadDemoModel:
         return {"required": {
             "demo_model": (list(DEMO_MODELS), {
                 "default": next(iter(DEMO_MODELS)),
-                "tooltip": "Which bundled demo model to load."}),
+                "tooltip": DEMO_MODEL_TOOLTIP}),
         }}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, demo_model):
+        """Accept the menu's values and the long values of earlier releases (old workflows);
+        ComfyUI skips its own combo check for an input this method takes, in every version."""
+        if demo_model_key(demo_model) is None:
+            return _unknown_demo_model(demo_model).args[0]
+        return True
+
     def load(self, demo_model):
-        key = DEMO_MODELS.get(demo_model)
+        key = demo_model_key(demo_model)
         if key is None:
-            raise fail("ConceptLab Load Demo Model", f"Unknown demo model '{demo_model}'.",
-                       f"Pick one of: {', '.join(DEMO_MODELS)}.")
+            raise _unknown_demo_model(demo_model)
         model, clip, vae, info = build_demo_model(key)
         return (model, clip, vae, json.dumps(info))
 

@@ -131,6 +131,7 @@ class SaliencyRecording:
     concept_embeds: Optional[torch.Tensor] = None       # DiT: (C, D) raw text-encoder vectors
     pooled_zero: bool = True                            # DiT: concepts modulated without pooled text
     compare: tuple = ()             # DiT: other methods to record in the same run (comparisons)
+    method_note: str = ""           # how 'method' was chosen (auto's reason), for the user
     maps: dict = field(default_factory=dict)            # name -> K.RunningMaps
     steps: int = 0
     calls: int = 0
@@ -412,6 +413,48 @@ def dit_stream(diffusion_model):
     return None
 
 
+#: ``auto`` picks ConceptAttention only for DiTs at the scale of the models it was shown on (Flux:
+#: 3072 wide, 19 double-stream blocks; SD3-medium / SD3.5-medium: 1536 wide, 24 joint blocks;
+#: SD3.5-large: 2432 wide, 38), where image and text tokens share one attention-output space, the
+#: method's premise. Below that it picks raw cross-attention: on the 64-wide, 4-block demo DiT
+#: ConceptAttention scores 0.088 mIoU against cross-attention's 0.306 and its mask falls on the
+#: background. See docs/saliency-method-choice.md for the numbers and what only real weights can
+#: confirm.
+CONCEPTATTENTION_MIN_WIDTH = 1024
+CONCEPTATTENTION_MIN_BLOCKS = 12
+
+
+def dit_scale(stream) -> tuple:
+    """(width, blocks) of a DiT: the hidden width of its text stream (the text input projection's
+    output width, which is the model's width in SD3 and Flux) and its number of joint / double-
+    stream blocks. Width 0 when it cannot be read."""
+    width = getattr(stream.text_in, "out_features", None)
+    if width is None:
+        weight = getattr(stream.text_in, "weight", None)
+        width = int(weight.shape[0]) if weight is not None and weight.ndim == 2 else 0
+    return int(width), len(stream.blocks)
+
+
+def auto_method(fam: str, diffusion_model) -> tuple:
+    """The method ``auto`` stands for on this model, and a sentence saying why."""
+    if fam in UNET_FAMILIES:
+        return "daam", f"auto: DAAM ({family_label(fam)} UNet cross-attention)."
+    stream = dit_stream(diffusion_model)
+    if stream is None:                     # _patch_dit refuses the model with its own message
+        return "conceptattention", ""
+    width, blocks = dit_scale(stream)
+    kind = "joint" if isinstance(stream, _SD3Stream) else "double-stream"
+    size = f"{width} wide, {blocks} {kind} blocks"
+    rule = (f"ConceptAttention is chosen from {CONCEPTATTENTION_MIN_WIDTH} wide and "
+            f"{CONCEPTATTENTION_MIN_BLOCKS} blocks")
+    if width >= CONCEPTATTENTION_MIN_WIDTH and blocks >= CONCEPTATTENTION_MIN_BLOCKS:
+        return "conceptattention", (f"auto: ConceptAttention ({family_label(fam)} DiT, {size}; "
+                                    f"{rule}).")
+    return "crossattention", (f"auto: cross-attention ({family_label(fam)} DiT, {size}; {rule}: "
+                              "on smaller DiTs its maps miss the words). Set method to "
+                              "'conceptattention' to use it anyway.")
+
+
 class _ConceptAttentionBlock:
     """One joint / double-stream block: run ComfyUI's block unchanged, carry the concept tokens
     beside it through the text stream's own weights."""
@@ -565,7 +608,9 @@ class ConceptLabSaliencyCapture:
         "steps. Multimodal DiTs (SD3's joint blocks, Flux's double-stream blocks) use "
         "ConceptAttention: the concept words travel through "
         "the text stream's own weights, one way, and the maps come from attention-output dot "
-        "products. The sampled image stays bit for bit the same; memory does not grow with steps.")
+        "products. On DiTs smaller than SD3 and Flux (such as the demo DiT) 'auto' uses raw "
+        "cross-attention of the image to the concept words instead. The sampled image stays bit "
+        "for bit the same; memory does not grow with steps.")
     CATEGORY = "ConceptLab/saliency"
     FUNCTION = "capture"
     RETURN_TYPES = ("MODEL", "SALIENCY_RECORDING")
@@ -593,9 +638,14 @@ class ConceptLabSaliencyCapture:
                                                    "prompt. DiT: any words (add background "
                                                    "words such as 'sky' for cleaner masks)."}),
                 "method": (list(METHODS), {"default": "auto",
-                                           "tooltip": "auto: DAAM on UNets, ConceptAttention on "
-                                                      "DiTs. crossattention (DiT only): raw image"
-                                                      "-query / concept-key maps, for comparison."}),
+                                           "tooltip": "auto: DAAM on UNets; on DiTs, "
+                                                      "ConceptAttention at the scale of SD3 and "
+                                                      "Flux (at least 1024 wide, 12 blocks), "
+                                                      "crossattention on smaller DiTs, where "
+                                                      "ConceptAttention's maps miss the words. "
+                                                      "crossattention (DiT only): raw image-query"
+                                                      " / concept-key maps. The viewer of "
+                                                      "ConceptLab Saliency Maps says which ran."}),
                 "layers": ("STRING", {"default": "auto",
                                       "tooltip": "Which attention layers to read, by index in "
                                                  "execution order: 'auto', 'all', '2,3', '-2,-1' "
@@ -622,8 +672,11 @@ class ConceptLabSaliencyCapture:
             raise fail(CAPTURE, "No concepts to map: both 'concepts' and 'prompt' are empty.",
                        "Type the words to map into 'concepts', or connect the positive prompt.")
         is_unet = fam in UNET_FAMILIES
+        dm = model.model.diffusion_model
         if method == "auto":
-            method = "daam" if is_unet else "conceptattention"
+            method, note = auto_method(fam, dm)
+        else:
+            note = f"method: {method} (set on the node)."
         if is_unet and method != "daam":
             raise fail(CAPTURE, f"'{method}' needs a multimodal DiT; this is a "
                        f"{family_label(fam)} UNet.", "Set method to 'daam' or 'auto'.")
@@ -632,12 +685,13 @@ class ConceptLabSaliencyCapture:
                        f"{family_label(fam)} DiT.",
                        "Set method to 'conceptattention', 'crossattention' or 'auto'.")
         hi, lo = _sigma_range(model, start_percent, end_percent)
-        dm = model.model.diffusion_model
         m = clone_model(model)
         if is_unet:
             rec = self._patch_unet(m, dm, clip, prompt, words, method, layers, fam, hi, lo)
         else:
             rec = self._patch_dit(m, dm, clip, words, method, layers, fam, hi, lo)
+        rec.method_note = note
+        log.info("%s: %s", CAPTURE, note)
         previous = m.model_options.get("model_function_wrapper")
         m.set_model_unet_function_wrapper(_CallWrapper(rec, previous))
         return (m, rec)
@@ -712,6 +766,7 @@ class Saliency:
     refine: str = "none"
     coarse: Optional[torch.Tensor] = None    # (B, C, H, W) the unrefined maps, normalised
     images: Optional[torch.Tensor] = None    # (B, H, W, 3) the images the maps belong to
+    method_note: str = ""                    # how the capture chose its method
 
     def index(self, word: str) -> int:
         w = word.strip().lower()
@@ -818,7 +873,7 @@ class ConceptLabSaliencyMaps:
         overlays = torch.stack([K.overlay(rgb[i], maps[i, j]) for i in range(b)
                                 for j in range(len(recording.words))])
         sal = Saliency(list(recording.words), recording.method, maps, threshold_mode, threshold,
-                       refine, coarse, rgb)
+                       refine, coarse, rgb, getattr(recording, "method_note", ""))
         ui = {"concept_lab_saliency": [self._viewer_payload(sal, rgb)]}
         return {"ui": ui, "result": (sal, overlays, masks.flatten(0, 1))}
 
@@ -829,7 +884,8 @@ class ConceptLabSaliencyMaps:
         maps = [[_save_temp_png((sal.maps[i, j].numpy() * 255).round().astype(np.uint8),
                                 "sal_map") for j in range(len(sal.words))]
                 for i in range(rgb.shape[0])]
-        return {"words": sal.words, "method": sal.method, "threshold": float(sal.threshold),
+        return {"words": sal.words, "method": sal.method, "method_note": sal.method_note,
+                "threshold": float(sal.threshold),
                 "images": base, "maps": maps}
 
 

@@ -107,7 +107,10 @@ def test_saliency_workflow_runs_through_prompt_api(server, object_info, name, di
     assert cr.history_error(entry) is None, cr.history_error(entry)
     payload = entry["outputs"][maps_id]["concept_lab_saliency"][0]
     assert payload["words"] == ["seven", "two"]
-    assert payload["method"] == ("conceptattention" if dit else "daam")
+    # auto: DAAM on the UNet; raw cross-attention on a DiT as small as the demo's (ConceptAttention
+    # is kept for SD3- and Flux-size DiTs), and the viewer's payload says which ran and why
+    assert payload["method"] == ("crossattention" if dit else "daam")
+    assert payload["method_note"].startswith("auto: "), payload
     import io
     import urllib.parse
     import urllib.request

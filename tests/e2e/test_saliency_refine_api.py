@@ -21,7 +21,7 @@ def _graph() -> dict:
             "recording": ["4", 1], "images": ["7", 0]}
     return {
         "1": {"class_type": "ConceptLabLoadDemoModel",
-              "inputs": {"demo_model": "digits-unet (SD1.x architecture)"}},
+              "inputs": {"demo_model": "digits-unet"}},
         "2": {"class_type": "CLIPTextEncode", "inputs": {"text": PROMPT, "clip": ["1", 1]}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
         "4": {"class_type": "ConceptLabSaliencyCapture",

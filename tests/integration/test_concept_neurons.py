@@ -201,10 +201,72 @@ def test_load_refuses_corrupt_truncated_hostile_and_traversal(cn, concept, folde
     safetensors.torch.save_file({"w": torch.zeros(3)}, str(folder / "other.safetensors"), {"format": "lora"})
     _refused(cn, "other.safetensors", "not a Concept Lab")
     shutil.copy(good, tmp_path / "outside.safetensors")
-    _refused(cn, "../outside.safetensors", "not a file name inside")
-    _refused(cn, str(tmp_path / "outside.safetensors"), "not a file name inside")
-    os.symlink(tmp_path / "outside.safetensors", folder / "link.safetensors")
-    _refused(cn, "link.safetensors", "outside the concept folder")
+    for escaping in ("../outside.safetensors", "sub/../../outside.safetensors",
+                     "..\\outside.safetensors", str(tmp_path / "outside.safetensors"),
+                     "\\\\server\\share\\c.safetensors", "C:outside.safetensors",
+                     "C:\\outside.safetensors"):
+        _refused(cn, escaping, "not a file name inside")
+    assert not any(".." in n or os.path.isabs(n) for n in cn.concept_files())
+
+
+def test_links_inside_the_concept_folder_are_followed(cn, concept, folder, tmp_path):
+    """models/ on another disk: a symlinked sub-folder or file inside the concept folder is
+    listed and loads (as ComfyUI's folder_paths lists and opens files through links); a link
+    that leads nowhere is not listed and is refused with a clear message; Save writes through the
+    user's linked sub-folder but never through a name that escapes."""
+    save = cn.ConceptLabConceptNeuronsSave()
+    disk = tmp_path / "other_disk"
+    (disk / "mine").mkdir(parents=True)
+    good = folder / save.save(concept, "c")["result"][0]
+    shutil.copy(good, disk / "mine" / "three.safetensors")
+    shutil.copy(good, disk / "single.safetensors")
+    os.symlink(disk / "mine", folder / "linked", target_is_directory=True)
+    os.symlink(disk / "single.safetensors", folder / "single_link.safetensors")
+    os.symlink(disk / "gone.safetensors", folder / "dangling.safetensors")
+    os.symlink(disk / "gone_dir", folder / "dangling_dir", target_is_directory=True)
+    listed = cn.concept_files()
+    assert {"linked/three.safetensors", "single_link.safetensors"} <= set(listed), listed
+    assert not any(n.startswith("dangling") for n in listed), listed
+    for name in listed:                                   # everything listed loads
+        back, info = cn.ConceptLabConceptNeuronsLoad().load(name)
+        assert all(torch.equal(back.indices[n], concept.indices[n]) for n in concept.indices)
+        assert cn.ConceptLabConceptNeuronsLoad.IS_CHANGED(name) != name   # mtime:size, not a failure
+    _refused(cn, "dangling.safetensors", "is a link to", "does not exist")
+    _refused(cn, "dangling_dir/x.safetensors", "was not found")
+    # Save: into the linked sub-folder (the file lands on the other disk), readable by Load
+    rel = save.save(concept, "linked/again")["result"][0]
+    assert rel == os.path.join("linked", "again_00001_.safetensors")
+    assert (disk / "mine" / "again_00001_.safetensors").is_file()
+    assert rel in cn.concept_files() and cn.ConceptLabConceptNeuronsLoad().load(rel)
+    # ... but never through a name that escapes the save folder
+    before = {p for p in tmp_path.rglob("*")}
+    for prefix in ("../escaped", "linked/../../escaped", "/tmp/escaped", "C:escaped", ".", "./",
+                   "..\\escaped", "sub\\..\\..\\escaped"):
+        with pytest.raises(Exception) as e:
+            save.save(concept, prefix)
+        msg = str(e.value)
+        assert msg.startswith("[ConceptLab Concept Neurons Save]") and "not allowed" in msg, msg
+        assert "Fix:" in msg, msg
+    assert {p for p in tmp_path.rglob("*")} == before
+
+
+def test_extra_model_paths_entry_keeps_the_default_folder_and_the_filter(cn, monkeypatch, tmp_path):
+    """ComfyUI reads extra_model_paths.yaml before loading custom nodes; a 'concept_neurons:'
+    entry there creates the folder entry first, with no file-type filter."""
+    import folder_paths
+    mine = tmp_path / "my_concepts"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("not a concept")
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, cn.FOLDER, ([str(mine)], set()))
+    if hasattr(folder_paths, "filename_list_cache"):
+        monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+    cn.register_folder()
+    paths, exts = folder_paths.folder_names_and_paths[cn.FOLDER]
+    assert paths == [str(mine), os.path.join(folder_paths.models_dir, cn.FOLDER), cn.DEMO_FOLDER]
+    assert set(exts) == {".safetensors"}
+    assert cn.save_dir() == str(mine)                     # the user's folder stays where Save writes
+    files = cn.concept_files()
+    assert "notes.txt" not in files and "digits_unet_three_subject.safetensors" in files
 
 
 def test_apply_refuses_a_concept_from_another_model(lab, cn, unet, concept, tmp_path):
@@ -273,3 +335,65 @@ def test_sd2_config_model_extract_and_apply(lab, cn, unet):
     with torch.inference_mode():
         cn.apply_concept(model, c, 1.0)
     guard.check("sd2 extract/apply")
+
+
+def _extract_error(cn, unet, images) -> str:
+    with pytest.raises(Exception) as e:
+        with torch.inference_mode():
+            cn.extract(*unet, images, "a three", _settings(cn))
+    msg = str(e.value)
+    assert msg.startswith("[ConceptLab Concept Neurons Extract]") and "Fix:" in msg, msg
+    return msg
+
+
+def test_reference_images_are_checked_before_anything_runs(lab, cn, unet):
+    """The count (1 to 10), the kind (an IMAGE batch) and the size (at least one latent pixel of
+    the VAE; at most what the model's position embedding covers) of Extract's references."""
+    model = unet[0]
+    guard = lab.runtime.ModelGuard.of(model)
+    for hw in ((1, 1), (7, 64), (64, 7), (0, 64)):
+        msg = _extract_error(cn, unet, torch.rand(3, *hw, 3))
+        assert f"are {hw[1]}x{hw[0]} pixels; the VAE needs at least 8x8" in msg, msg
+        assert "Kernel size" not in msg
+    assert "No reference images were given" in _extract_error(cn, unet, torch.rand(0, 64, 64, 3))
+    msg = _extract_error(cn, unet, torch.rand(11, 64, 64, 3))
+    assert "11 reference images were given; at most 10 are used" in msg and "Pass 10 or fewer" in msg
+    assert "not an IMAGE" in _extract_error(cn, unet, torch.rand(3, 4, 8, 8))       # a LATENT's shape
+    assert "not an IMAGE" in _extract_error(cn, unet, {"samples": torch.rand(3, 4, 8, 8)})
+    guard.check("refused extractions")
+    # accepted: 1 reference (with a note), grey (1-channel) and RGBA images; the tooltip agrees
+    with torch.inference_mode():
+        c1 = cn.extract(*unet, _images(1), "a three", _settings(cn, prior_images=0))
+        grey = cn.extract(*unet, _images(3)[..., :1], "a three", _settings(cn, prior_images=0))
+        rgba = cn.extract(*unet, torch.cat([_images(3), torch.ones(3, 64, 64, 1)], -1), "a three",
+                          _settings(cn, prior_images=0))
+    assert "note: 1 reference image(s)" in cn.info_text(c1)
+    assert "note:" not in cn.info_text(grey) and grey.stats["images"] == rgba.stats["images"] == 3
+    tip = cn.ConceptLabConceptNeuronsExtract.INPUT_TYPES()["required"]["images"][1]["tooltip"]
+    assert tip.startswith("1 to 10 images of the subject") and "3 to 10 different views" in tip
+    guard.check("extractions")
+
+
+def test_reference_images_larger_than_an_sd3_position_embedding_are_refused(lab, cn, unet):
+    """SD3's MMDiT has a learned position embedding of pos_embed_max_size patches a side
+    (192 x patch 2 x VAE 8 = 3072 px for SD3-medium); Flux and the UNets have no such limit.
+    The check reads it off a real-size SD3-medium built on the meta device (no memory)."""
+    if not lab.modern:
+        pytest.skip(f"{lab.version} has no SD3 classes; set COMFYUI_PATH to a ComfyUI 0.3.x checkout")
+    import comfy.supported_models as sm
+    config = dict(in_channels=16, patch_size=2, out_channels=16, depth=24, input_size=None,
+                  adm_in_channels=2048, num_patches=36864, pos_embed_max_size=192,
+                  pos_embed_scaling_factor=None, x_block_self_attn_layers=[],
+                  context_embedder_config={"target": "torch.nn.Linear",
+                                           "params": {"in_features": 4096, "out_features": 1536}})
+    with torch.device("meta"):
+        sd3 = sm.SD3(config).get_model({})
+    assert cn.max_latent_side(sd3) == 384 and cn.max_latent_side(unet[0].model) is None
+    vae = unet[2]
+    fits = torch.zeros(1, 1, 1, 3).expand(2, 3072, 8, 3)             # shapes only
+    assert cn.check_references(fits, vae, sd3).shape == (2, 3072, 8, 3)
+    with pytest.raises(Exception) as e:
+        cn.check_references(torch.zeros(1, 1, 1, 3).expand(2, 3080, 8, 3), vae, sd3)
+    msg = str(e.value)
+    assert "are 8x3080 pixels; this model's position embedding covers at most 3072x3072" in msg, msg
+    assert "Fix: Scale the images down" in msg

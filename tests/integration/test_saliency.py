@@ -129,12 +129,15 @@ def test_conceptattention_leaves_the_dit_image_bit_identical(lab, sal):
         model, clip, vae, _ = lab.demo.build_demo_model("digits_dit")
     guard = lab.runtime.ModelGuard.of(model)
     plain = _sample(lab, model, clip, vae, n=2, steps=8)
-    patched, rec = _capture(sal, model, clip, concepts="seven, two, red")
+    # ConceptAttention by hand: 'auto' picks cross-attention on a DiT this small (see
+    # test_auto_method_follows_the_dit_scale)
+    patched, rec = _capture(sal, model, clip, concepts="seven, two, red", method="conceptattention")
     rec.compare = ("crossattention",)          # the raw cross-attention maps too, same run
     img = _sample(lab, patched, clip, vae, n=2, steps=8)
     guard.check("ConceptLab Saliency Capture (DiT) + sampling")
     assert torch.equal(plain, img)
     assert rec.method == "conceptattention" and rec.steps == 8
+    assert rec.method_note == "method: conceptattention (set on the node)."
     n_blocks = len(model.model.diffusion_model.joint_blocks)
     assert rec.layers == list(range(n_blocks // 2, n_blocks))
     for name in ("conceptattention", "crossattention"):
@@ -185,3 +188,63 @@ def test_image_guided_refinement_fits_the_masks_to_the_digits(lab, sal, demo):
         node.maps(rec, img, "fixed", 0.5, False, "sharp")
     with pytest.raises(err, match=r"\[ConceptLab Mask From Concept\] Unknown refine method"):
         mfc.mask(sal_crf, "seven", "fixed", 0.5, 0, "sharp")
+
+
+def _meta_dit(family: str, **config):
+    """A real-size SD3 or Flux diffusion model from ComfyUI's own config classes, built on the
+    meta device (shapes only, no memory): enough to read its width and depth."""
+    import dataclasses
+    import comfy.supported_models as sm
+    if family == "flux":
+        import comfy.ldm.flux.model
+        config = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768,
+                      context_in_dim=4096, mlp_ratio=4.0, num_heads=24, axes_dim=[16, 56, 56],
+                      theta=10000, patch_size=2, qkv_bias=True, **config)
+        if "txt_ids_dims" in {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}:
+            config["txt_ids_dims"] = []              # ComfyUI 0.33's detection sets this for Flux.1
+        mc = sm.Flux(config)
+    else:
+        width = config["depth"] * 64                 # ComfyUI's MMDiT: 64 channels per unit of depth
+        config = dict(in_channels=16, patch_size=2, out_channels=16, input_size=None,
+                      adm_in_channels=2048, num_patches=36864, pos_embed_max_size=192,
+                      pos_embed_scaling_factor=None,
+                      x_block_self_attn_layers=[], context_embedder_config={
+                          "target": "torch.nn.Linear",
+                          "params": {"in_features": 4096, "out_features": width}}, **config)
+        mc = sm.SD3(config)
+    with torch.device("meta"):
+        return mc.get_model({}).diffusion_model
+
+
+def test_auto_method_follows_the_dit_scale(lab, sal, demo):
+    """auto: DAAM on UNets; ConceptAttention on DiTs at the scale of real SD3 / SD3.5 / Flux,
+    cross-attention on smaller ones (the demo DiT, where ConceptAttention's masks land on the
+    background; docs/saliency-method-choice.md)."""
+    needs_modern(lab, "SD3 and Flux (ComfyUI's MMDiT and Flux classes)")
+    from conftest import tiny_flux
+    assert sal.auto_method("sd1", demo.model.model.diffusion_model)[0] == "daam"
+    with torch.inference_mode():
+        dit, clip, vae, _ = lab.demo.build_demo_model("digits_dit")
+    small = {"demo DiT (SD3 MMDiT, 64 wide, 4 joint blocks)": ("sd3", dit.model.diffusion_model, (64, 4)),
+             "tiny Flux (64 wide, 2 double blocks)": ("flux", tiny_flux(lab).model.diffusion_model, (64, 2))}
+    real = {"SD3-medium": ("sd3", _meta_dit("sd3", depth=24), (1536, 24)),
+            "SD3.5-large": ("sd3", _meta_dit("sd3", depth=38, qk_norm="rms"), (2432, 38)),
+            "Flux.1-dev": ("flux", _meta_dit("flux", hidden_size=3072, depth=19,
+                                             depth_single_blocks=38, guidance_embed=True), (3072, 19)),
+            "Flux.1-schnell": ("flux", _meta_dit("flux", hidden_size=3072, depth=19,
+                                                 depth_single_blocks=38, guidance_embed=False), (3072, 19))}
+    for name, (fam, dm, scale) in {**small, **real}.items():
+        assert sal.dit_scale(sal.dit_stream(dm)) == scale, name
+        method, note = sal.auto_method(fam, dm)
+        assert method == ("conceptattention" if name in real else "crossattention"), (name, note)
+        assert f"{scale[0]} wide, {scale[1]}" in note, note
+    # through the node: the recording and the viewer payload say which method ran, and why
+    guard = lab.runtime.ModelGuard.of(dit)
+    patched, rec = _capture(sal, dit, clip)
+    assert rec.method == "crossattention" and rec.compare == ()
+    assert rec.method_note.startswith("auto: cross-attention (SD3 DiT, 64 wide, 4 joint blocks")
+    img = _sample(lab, patched, clip, vae, n=1, steps=4)
+    guard.check("ConceptLab Saliency Capture (auto, DiT) + sampling")
+    out = sal.ConceptLabSaliencyMaps().maps(rec, img, "fixed", 0.5, False)
+    payload = out["ui"]["concept_lab_saliency"][0]
+    assert payload["method"] == "crossattention" and payload["method_note"] == rec.method_note
