@@ -82,6 +82,29 @@ def available() -> str | None:
     return None
 
 
+def preflight() -> str | None:
+    """None when a front-end test or job can run here (Chromium, playwright, a ComfyUI), else the
+    reason it cannot."""
+    why = available()
+    if why:
+        return why
+    try:
+        cr.comfy_root()
+    except cr.ComfyNotFound as e:
+        return str(e)
+    return None
+
+
+def open_app(browser, url: str, viewport=(1400, 900)):
+    """A new page on the front end at ``url``, loaded until the app has finished setup, with a
+    :class:`ConsoleWatch` attached from the start: ``(page, watch)``."""
+    page = new_page(browser, viewport=viewport)
+    watch = ConsoleWatch().attach(page)
+    page.goto(url + "/", wait_until="load", timeout=LOAD_TIMEOUT_MS)
+    page.wait_for_function(APP_READY_JS, timeout=LOAD_TIMEOUT_MS)
+    return page, watch
+
+
 def launch(pw):
     return pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
 

@@ -117,6 +117,13 @@ def _ksampler(model, vae, seed, pos, neg, lat, steps, cfg):
     return (img.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
 
 
+def noise_seed(cls: int, base: int = 1000) -> int:
+    """The seed of the starting noises measured for class ``cls`` (ComfyUI's prepare_noise: the
+    first k noises of a batch are those of a batch of k, so the demo and the gallery show the
+    first of these very noises)."""
+    return base + 1000 * cls
+
+
 def _search_args(args, norm: bool) -> dict:
     return dict(cfg=args.cfg, clip_vision=args.clip_vision, iterations=args.iterations, search_steps=args.search_steps,
                 learning_rate=args.lr, lr_drop_after=args.lr_drop_after, norm_regulariser=norm,
@@ -221,7 +228,7 @@ def run(args) -> dict:
         B = args.trials
         pos, neg, lat = _encode(clip, cls, B)
         refs, ref_idx = references(wcfg, cls, args.refs)
-        seed = args.seed + 1000 * cls
+        seed = noise_seed(cls, args.seed)
         z0 = comfy.sample.prepare_noise(lat["samples"], seed)
         t = time.perf_counter()
         imgs = _sample(model, vae, z0, pos, neg, lat, args.steps, args.cfg)

@@ -391,7 +391,70 @@ class ConceptLabLoadDemoCLIPVision:
         return (cv, json.dumps(info))
 
 
+#: The bundled picture sets (demo/images/<set>/NN.png, written by benchmarks/showcase.py:
+#: write_demo_images): real handwriting of held-out writers, never used in training.
+DEMO_IMAGES_DIR = os.path.join(DEMO_DIR, "images")
+DEMO_IMAGE_SETS = {
+    "eight-references": "three held-out writers' eights (white, centred): references for Seed Search "
+                        "and Seed Rank, which make the demo models draw their rare class 'an eight'",
+    "three-subject": "one held-out writer's three (sample 1750) six times, in other colours, places and "
+                     "sizes: a subject for Concept Neurons Extract ('a three')",
+    "seven-subject": "one held-out writer's seven (sample 1753) six times: a second subject ('a seven')",
+}
+LOAD_IMAGES = "ConceptLab Load Demo Images"
+
+
+def load_demo_images(image_set: str) -> torch.Tensor:
+    """(B, 64, 64, 3) float images of a bundled picture set, as LoadImage gives them."""
+    import numpy as np
+    from PIL import Image
+    if image_set not in DEMO_IMAGE_SETS:
+        raise fail(LOAD_IMAGES, f"Unknown picture set '{image_set}'.", f"Pick one of: {', '.join(DEMO_IMAGE_SETS)}.")
+    folder = os.path.join(DEMO_IMAGES_DIR, image_set)
+    files = sorted(f for f in os.listdir(folder) if f.endswith(".png")) if os.path.isdir(folder) else []
+    if not files:
+        raise fail(LOAD_IMAGES, f"The pack's pictures for '{image_set}' are missing ({folder}).",
+                   "Reinstall Concept Lab (git pull or ComfyUI-Manager), or regenerate them with "
+                   "'python -m benchmarks assets'.")
+    arrays = []
+    for f in files:
+        with Image.open(os.path.join(folder, f)) as im:
+            arrays.append(np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0)
+    return torch.from_numpy(np.stack(arrays))
+
+
+class ConceptLabLoadDemoImages:
+    DESCRIPTION = ("Loads a bundled set of demo pictures as an IMAGE batch: real handwriting of writers "
+                   "the demo models never saw. The example workflows use them as the reference images "
+                   "of Seed Search / Seed Rank and as the subject of Concept Neurons Extract, so they "
+                   "run as soon as they are opened. With your own model, replace this node with Load "
+                   "Image nodes of your concept or subject (batched together).")
+    CATEGORY = "ConceptLab/demo"
+    FUNCTION = "load"
+    RETURN_TYPES = ("IMAGE", "STRING")
+    RETURN_NAMES = ("images", "info")
+    OUTPUT_TOOLTIPS = ("The pictures, 64x64 each, as one batch.",
+                       "Which pictures these are (set, count, the writers' sample numbers).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "image_set": (list(DEMO_IMAGE_SETS), {
+                "default": "eight-references",
+                "tooltip": "Which pictures. " + "; ".join(f"{k}: {v}" for k, v in DEMO_IMAGE_SETS.items())
+                           + "."}),
+        }}
+
+    def load(self, image_set):
+        images = load_demo_images(image_set)
+        info = {"image_set": image_set, "count": int(images.shape[0]), "size": list(images.shape[1:3]),
+                "what": DEMO_IMAGE_SETS[image_set]}
+        return {"ui": {"text": [f"{image_set}: {images.shape[0]} pictures"]}, "result": (images, json.dumps(info))}
+
+
 NODE_CLASS_MAPPINGS = {"ConceptLabLoadDemoModel": ConceptLabLoadDemoModel,
-                       "ConceptLabLoadDemoCLIPVision": ConceptLabLoadDemoCLIPVision}
+                       "ConceptLabLoadDemoCLIPVision": ConceptLabLoadDemoCLIPVision,
+                       "ConceptLabLoadDemoImages": ConceptLabLoadDemoImages}
 NODE_DISPLAY_NAME_MAPPINGS = {"ConceptLabLoadDemoModel": "ConceptLab Load Demo Model",
-                              "ConceptLabLoadDemoCLIPVision": "ConceptLab Load Demo CLIP Vision"}
+                              "ConceptLabLoadDemoCLIPVision": "ConceptLab Load Demo CLIP Vision",
+                              "ConceptLabLoadDemoImages": "ConceptLab Load Demo Images"}

@@ -295,6 +295,8 @@ class SaliencyViewer {
             this.drawn++;
             this.status.textContent = `${run.method ?? "saliency"} · "${word}": `
                 + `${Math.round(share * 100)}% of the image at or above ${threshold.toFixed(2)}`;
+            // Why this method ran (Saliency Capture's 'auto' rule), on hover.
+            this.status.title = run.method_note ?? "";
             this.root.dataset.state = "ready";
         } catch (_) {
             if (token !== this.renderToken) return;

@@ -56,3 +56,24 @@ def test_dit_demo_model_refused_clearly_on_old_comfyui(lab):
         lab.demo.build_demo_model("digits_dit")
     msg = str(e.value)
     assert "ConceptLab Load Demo Model" in msg and "Fix:" in msg and "digits-unet" in msg
+
+
+def test_demo_images_node_serves_the_bundled_handwriting(lab):
+    """ConceptLab Load Demo Images: each set is a batch of 64x64 RGB pictures in [0, 1] (what
+    LoadImage gives), the subject sets are the writers the shipped concepts were made from, and
+    the judge reads every picture as its class; an unknown set is refused clearly."""
+    import numpy as np
+    from benchmarks.world import judge as J
+    node = lab.pack.NODE_CLASS_MAPPINGS["ConceptLabLoadDemoImages"]()
+    want = {"eight-references": (8, 3), "three-subject": (3, 6), "seven-subject": (7, 6)}
+    assert set(node.INPUT_TYPES()["required"]["image_set"][0]) == set(want)
+    for name, (cls, count) in want.items():
+        out = node.load(name)
+        images, info = out["result"]
+        assert images.shape == (count, 64, 64, 3) and images.dtype == torch.float32
+        assert 0.0 <= float(images.min()) and float(images.max()) <= 1.0 and float(images.max()) > 0.5
+        reads = [max(J.find_digits((im.numpy() * 255).astype(np.uint8)), key=lambda d: d.area).cls
+                 for im in images]
+        assert reads == [cls] * count, (name, reads)
+    with pytest.raises(lab.runtime.ConceptLabError, match="Unknown picture set"):
+        node.load("nine-references")
