@@ -9,6 +9,12 @@ fused QKV projection plays that role; its K and V rows are the candidates: SD3's
 single-stream blocks (``single_blocks.N.linear1``) are deliberately not candidates: one fused
 linear projects the concatenated text and image tokens there, so its K/V rows read image tokens
 as much as text and shutting them would not act on the text condition alone.
+
+The same rule for the newer families: Flux.2 and Chroma keep Flux's ``double_blocks.N.txt_attn.qkv``;
+Qwen-Image's text stream has separate ``transformer_blocks.N.attn.add_k_proj`` / ``add_v_proj``;
+Z-Image (Lumina 2's NextDiT) shares one weight set between text and image tokens in its joint
+``layers`` (not candidates), but its ``context_refiner.N`` layers run on the caption alone before
+the joint layers, so their fused ``attention.qkv`` K/V rows read only text.
 """
 from __future__ import annotations
 
@@ -19,6 +25,8 @@ from typing import Iterable
 _UNET_KV = re.compile(r"(^|\.)attn(?P<which>[12])\.to_(?P<kv>[kv])\.weight$")
 _FLUX_TXT_QKV = re.compile(r"(^|\.)double_blocks\.\d+\.txt_attn\.qkv\.weight$")
 _SD3_CTX_QKV = re.compile(r"(^|\.)joint_blocks\.\d+\.context_block\.attn\.qkv\.weight$")
+_QWEN_TXT_KV = re.compile(r"(^|\.)transformer_blocks\.\d+\.attn\.add_(?P<kv>[kv])_proj\.weight$")
+_ZIMAGE_CAPTION_QKV = re.compile(r"(^|\.)context_refiner\.\d+\.attention\.qkv\.weight$")
 
 
 @dataclass(frozen=True)
@@ -43,8 +51,12 @@ def concept_kv_layers(names: Iterable[str], include_self_attention: bool = False
             continue
         # MMDiT text stream (Flux double-stream / SD3 joint blocks). Flux single_blocks.*.linear1
         # mixes text and image tokens in one projection: not a candidate (module docstring).
-        if _FLUX_TXT_QKV.search(n) or _SD3_CTX_QKV.search(n):
+        if _FLUX_TXT_QKV.search(n) or _SD3_CTX_QKV.search(n) or _ZIMAGE_CAPTION_QKV.search(n):
             out.append(KVLayer(n, "qkv", True))
+            continue
+        m = _QWEN_TXT_KV.search(n)
+        if m:
+            out.append(KVLayer(n, m.group("kv"), True))
     return out
 
 

@@ -53,16 +53,26 @@ _FAMILY_BY_CONFIG = {
     "SD20": "sd2", "SD21UnclipL": "sd2", "SD21UnclipH": "sd2", "SD_X4Upscaler": "sd2",
     "SDXL": "sdxl", "SDXLRefiner": "sdxl", "SSD1B": "sdxl", "Segmind_Vega": "sdxl",
     "KOALA_700M": "sdxl", "KOALA_1B": "sdxl", "SDXL_instructpix2pix": "sdxl",
-    "SD3": "sd3",
+    "SD3": "sd3",                                   # SD3 and SD3.5 (one config class)
     "Flux": "flux", "FluxSchnell": "flux", "FluxInpaint": "flux",
+    "Flux2": "flux2",
+    "Chroma": "chroma",
+    "QwenImage": "qwen_image",
+    "ZImage": "zimage",
+    # variants of a listed class that the pack does not handle (pixel-space models: no latents)
+    "ZImagePixelSpace": None, "ChromaRadiance": None,
 }
+#: By the base model's own class name (exactly, never a subclass: ComfyUI derives new
+#: architectures from old classes, e.g. Flux2, Chroma and LongCatImage from Flux). Only for
+#: configs whose class name is not above (the 2024 snapshot).
 _FAMILY_BY_BASE = {"SD3": "sd3", "Flux": "flux", "SDXL": "sdxl", "SDXLRefiner": "sdxl"}
 
 FAMILY_NAMES = {
-    "sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "sd3": "SD3", "flux": "Flux",
+    "sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "sd3": "SD3/SD3.5", "flux": "Flux.1",
+    "flux2": "Flux.2", "chroma": "Chroma", "qwen_image": "Qwen-Image", "zimage": "Z-Image",
 }
 UNET_FAMILIES = ("sd1", "sd2", "sdxl")
-DIT_FAMILIES = ("flux", "sd3")
+DIT_FAMILIES = ("flux", "sd3", "flux2", "chroma", "qwen_image", "zimage")
 
 
 def _base_model(model):
@@ -73,17 +83,21 @@ def _base_model(model):
 
 
 def model_family(model) -> str:
-    """'sd1', 'sd2', 'sdxl', 'sd3', 'flux', or 'unknown:<ConfigClass>' for a ComfyUI MODEL."""
+    """A family of FAMILY_NAMES ('sd1', ..., 'zimage'), or 'unknown:<ConfigClass>' for a ComfyUI
+    MODEL of an architecture the pack does not know."""
     base = _base_model(model)
     if base is None:
         return "unknown:not-a-model"
     cfg = getattr(base, "model_config", None)
     name = type(cfg).__name__ if cfg is not None else ""
-    if name in _FAMILY_BY_CONFIG:
-        return _FAMILY_BY_CONFIG[name]
-    for klass in type(base).__mro__:
-        if klass.__name__ in _FAMILY_BY_BASE:
-            return _FAMILY_BY_BASE[klass.__name__]
+    # the config class or the nearest listed ancestor (a model defined as a subclass of SD3's
+    # config, as the demo DiT is, is an SD3); None marks variants the pack does not handle
+    for klass in type(cfg).__mro__ if cfg is not None else ():
+        if klass.__name__ in _FAMILY_BY_CONFIG:
+            fam = _FAMILY_BY_CONFIG[klass.__name__]
+            return fam if fam is not None else f"unknown:{name}"
+    if type(base).__name__ in _FAMILY_BY_BASE:
+        return _FAMILY_BY_BASE[type(base).__name__]
     if type(base).__name__ == "BaseModel" and "context_dim" in getattr(cfg, "unet_config", {}):
         return "sd2" if getattr(cfg, "unet_config", {}).get("use_linear_in_transformer") else "sd1"
     return f"unknown:{name or type(base).__name__}"

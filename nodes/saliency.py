@@ -35,6 +35,7 @@ import comfy.ldm.modules.attention as comfy_attention
 
 from ..kernels import saliency as K
 from ._runtime import UNET_FAMILIES, clone_model, fail, family_label, model_family, require_family
+from .architectures import dit_scale, dit_stream
 
 log = logging.getLogger("ConceptLab")
 
@@ -320,99 +321,9 @@ class _DaamPatch:
 
 
 # ---------------------------------------------------------------------------------------------
-# MMDiTs: ConceptAttention through dit double_block replace patches
+# MMDiTs: ConceptAttention through dit double_block replace patches; each architecture's text
+# stream is reached through its adapter in nodes/architectures/
 # ---------------------------------------------------------------------------------------------
-class _SD3Stream:
-    """The concept tokens' path through an SD3 MMDiT joint block (``context_block``).
-
-    ComfyUI hands SD3's attention (B, T, heads*d) tensors, text tokens first."""
-
-
-    def __init__(self, dm):
-        self.dm = dm
-        self.blocks = dm.joint_blocks
-        self.text_in = dm.context_embedder              # raw text-encoder vectors -> stream
-        self.pooled_embedder = getattr(dm, "y_embedder", None)
-        self.pooled_dim = None                          # reads the whole pooled vector
-
-    @staticmethod
-    def heads(block) -> int:
-        return block.x_block.attn.num_heads
-
-    @staticmethod
-    def image_slice(block, n_txt: int, n_tokens: int) -> slice:
-        return slice(n_txt, n_tokens)
-
-    @staticmethod
-    def tokens_major(t):
-        return t                               # already (B, T, heads*d)
-
-    @staticmethod
-    def pre(block, c, vec):
-        return block.context_block.pre_attention(c, vec)
-
-    @staticmethod
-    def post(block, o_c, inter):
-        cb = block.context_block
-        return None if cb.pre_only else cb.post_attention(o_c, *inter)
-
-
-class _FluxStream:
-    """The concept tokens' path through a Flux double-stream block (its ``txt_*`` weights).
-
-    ComfyUI hands Flux's attention (B, heads, T, d) tensors with the rotary embedding already
-    applied to q and k, text tokens first (image first in blocks with ``flipped_img_txt``).
-    Concepts have position id 0, where the rotation is the identity, so their q and k are used
-    as the text stream makes them. Single-stream blocks are not used (as in the reference)."""
-
-
-    def __init__(self, dm):
-        self.dm = dm
-        self.blocks = dm.double_blocks
-        self.text_in = dm.txt_in
-        self.pooled_embedder = getattr(dm, "vector_in", None)
-        self.pooled_dim = getattr(getattr(dm, "params", None), "vec_in_dim", None)   # y[:, :vec_in_dim]
-
-    @staticmethod
-    def heads(block) -> int:
-        return block.num_heads
-
-    @staticmethod
-    def image_slice(block, n_txt: int, n_tokens: int) -> slice:
-        if getattr(block, "flipped_img_txt", False):
-            return slice(0, n_tokens - n_txt)
-        return slice(n_txt, n_tokens)
-
-    @staticmethod
-    def tokens_major(t):
-        return t.transpose(1, 2)               # (B, heads, T, d) -> (B, T, heads, d)
-
-    @staticmethod
-    def pre(block, c, vec):
-        mod1, mod2 = block.txt_mod(vec)
-        x = torch.addcmul(mod1.shift, block.txt_norm1(c), 1 + mod1.scale)
-        qkv = block.txt_attn.qkv(x)
-        q, k, v = qkv.view(qkv.shape[0], qkv.shape[1], 3, block.num_heads, -1).permute(2, 0, 3, 1, 4)
-        q, k = block.txt_attn.norm(q, k, v)
-        return (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)), (c, mod1, mod2)
-
-    @staticmethod
-    def post(block, o_c, inter):
-        c, mod1, mod2 = inter
-        c = c + mod1.gate * block.txt_attn.proj(o_c)
-        x = torch.addcmul(mod2.shift, block.txt_norm2(c), 1 + mod2.scale)
-        return c + mod2.gate * block.txt_mlp(x)
-
-
-def dit_stream(diffusion_model):
-    """The concept-stream adapter of a multimodal DiT, or None for other models."""
-    if hasattr(diffusion_model, "joint_blocks"):
-        return _SD3Stream(diffusion_model)
-    if hasattr(diffusion_model, "double_blocks") and hasattr(diffusion_model, "txt_in"):
-        return _FluxStream(diffusion_model)
-    return None
-
-
 #: ``auto`` picks ConceptAttention only for DiTs at the scale of the models it was shown on (Flux:
 #: 3072 wide, 19 double-stream blocks; SD3-medium / SD3.5-medium: 1536 wide, 24 joint blocks;
 #: SD3.5-large: 2432 wide, 38), where image and text tokens share one attention-output space, the
@@ -424,17 +335,6 @@ CONCEPTATTENTION_MIN_WIDTH = 1024
 CONCEPTATTENTION_MIN_BLOCKS = 12
 
 
-def dit_scale(stream) -> tuple:
-    """(width, blocks) of a DiT: the hidden width of its text stream (the text input projection's
-    output width, which is the model's width in SD3 and Flux) and its number of joint / double-
-    stream blocks. Width 0 when it cannot be read."""
-    width = getattr(stream.text_in, "out_features", None)
-    if width is None:
-        weight = getattr(stream.text_in, "weight", None)
-        width = int(weight.shape[0]) if weight is not None and weight.ndim == 2 else 0
-    return int(width), len(stream.blocks)
-
-
 def auto_method(fam: str, diffusion_model) -> tuple:
     """The method ``auto`` stands for on this model, and a sentence saying why."""
     if fam in UNET_FAMILIES:
@@ -443,8 +343,7 @@ def auto_method(fam: str, diffusion_model) -> tuple:
     if stream is None:                     # _patch_dit refuses the model with its own message
         return "conceptattention", ""
     width, blocks = dit_scale(stream)
-    kind = "joint" if isinstance(stream, _SD3Stream) else "double-stream"
-    size = f"{width} wide, {blocks} {kind} blocks"
+    size = f"{width} wide, {blocks} {stream.kind} blocks"
     rule = (f"ConceptAttention is chosen from {CONCEPTATTENTION_MIN_WIDTH} wide and "
             f"{CONCEPTATTENTION_MIN_BLOCKS} blocks")
     if width >= CONCEPTATTENTION_MIN_WIDTH and blocks >= CONCEPTATTENTION_MIN_BLOCKS:
@@ -462,26 +361,17 @@ class _ConceptAttentionBlock:
     def __init__(self, rec: SaliencyRecording, stream, index: int, record: bool, previous=None):
         self.rec, self.stream, self.index, self.record, self.previous = (
             rec, stream, index, record, previous)
-        dm = stream.dm
-        block = stream.blocks[index]
-        # Run an SD3 block the way ComfyUI runs a block that has no replace patch (its
-        # "original_block" for patched blocks goes through torch.utils.checkpoint, which costs
-        # more than this whole capture on small models and computes the same numbers). Flux's
-        # "original_block" calls the block directly.
-        self._direct = (previous is None and isinstance(stream, _SD3Stream)
-                        and hasattr(dm, "use_checkpoint")
-                        and hasattr(block, "context_block") and hasattr(block, "x_block"))
+        # Some architectures' original_block costs more than running the block directly
+        # (SD3's goes through torch.utils.checkpoint); the adapter says how ComfyUI runs an
+        # unpatched block.
+        self._direct = stream.direct(index) if previous is None else None
 
     def _run(self, args, extra):
         if self.previous is not None:
             return self.previous(args, extra)
-        if not self._direct:
+        if self._direct is None:
             return extra["original_block"](args)
-        dm = self.stream.dm
-        txt, img = dm.joint_blocks[self.index](
-            args["txt"], args["img"], c=args["vec"], use_checkpoint=dm.use_checkpoint,
-            transformer_options=args["transformer_options"])
-        return {"txt": txt, "img": img}
+        return self._direct(args)
 
     def _initial_concepts(self, like: torch.Tensor, vec: torch.Tensor):
         """The concept tokens entering the first block, and the modulation vector they use.
@@ -505,7 +395,7 @@ class _ConceptAttentionBlock:
             last = cache.get("pooled")
             if last is None or last[0].shape != y.shape or not torch.equal(last[0], y):
                 last = cache["pooled"] = (y, y_emb(y) - y_emb(torch.zeros_like(y)))
-            concept_vec = vec - last[1]
+            concept_vec = self.stream.remove_pooled(vec, last[1])
         return emb, concept_vec
 
     def __call__(self, args, extra):
@@ -529,7 +419,7 @@ class _ConceptAttentionBlock:
             return result
         st = self.stream
         rows = rec._rows
-        txt, vec = args["txt"], args["vec"][rows]
+        txt, vec = args["txt"], st.concept_rows(args["vec"], rows)
         if rec._concepts is None:
             rec._concepts, rec._concept_vec = self._initial_concepts(txt[rows], vec)
         block = st.blocks[self.index]
@@ -571,15 +461,15 @@ def _existing_replace(model, name: str, key: tuple):
     return to.get("patches_replace", {}).get(name, {}).get(key)
 
 
-def _concept_embeddings(clip, words: list, family: str = "sd3") -> torch.Tensor:
+def _concept_embeddings(clip, words: list, stream) -> torch.Tensor:
     """(C, D): each concept word encoded alone; the conditioning vector of its first token.
 
-    That token sits after the start token when the encoder that makes the conditioning has one
-    (CLIP, and the CLIP part that leads SD3's sequence), and first when it has none (T5, which
-    alone makes Flux's sequence)."""
+    The tokenizer output read is the one that makes the model's text sequence (the adapter's
+    ``token_key``). The first token sits after the start token when that encoder has one (CLIP,
+    and the CLIP part that leads SD3's sequence), and first when it has none (T5, which alone
+    makes Flux's sequence)."""
     empty = clip.tokenize("")
-    key = "t5xxl" if family == "flux" and "t5xxl" in empty else ("l" if "l" in empty
-                                                                 else next(iter(empty)))
+    key = stream.token_key(empty)
     empty_first = int(empty[key][0][0][0])
     rows = []
     for w in words:
@@ -736,7 +626,7 @@ class ConceptLabSaliencyCapture:
                        "Use an SD3- or Flux-style model, or a UNet with DAAM.")
         n = len(stream.blocks)
         chosen = self._layers(layers, n, range(n // 2, n))
-        embeds = _concept_embeddings(clip, words, fam)
+        embeds = _concept_embeddings(clip, words, stream)
         ctx_in = getattr(stream.text_in, "in_features", None)
         if ctx_in is not None and embeds.shape[-1] != ctx_in:
             raise fail(CAPTURE, f"The CLIP's vectors have {embeds.shape[-1]} channels, the "

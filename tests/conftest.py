@@ -145,39 +145,17 @@ def tiny_unet(lab, family: str):
                                             offload_device=mm.unet_offload_device())
 
 
-#: A tiny Flux (ComfyUI's own Flux classes): 64 wide, 2 heads of 32, 2 double-stream blocks and one
-#: single-stream block, patch size 2 on 16-channel latents; text input 64 wide (the demo CLIP's).
-TINY_FLUX_CONFIG = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=64,
-                        context_in_dim=64, hidden_size=64, mlp_ratio=4.0, num_heads=2, depth=2,
-                        depth_single_blocks=1, axes_dim=[8, 12, 12], theta=10000, patch_size=2,
-                        qkv_bias=True, guidance_embed=True)
-
-
 def tiny_flux(lab, scale: float = 0.05):
     """A tiny Flux.1-dev-style model (guidance embedding, pooled text vector) from ComfyUI's own
-    config and model classes, seeded random weights (std ``scale``), as a ModelPatcher. It takes
-    the demo CLIP's conditioning and 16-channel latents. Needs ComfyUI 0.3.x."""
-    import torch
-    import comfy.model_management as mm
-    import comfy.model_patcher
-    import comfy.supported_models
-    if not hasattr(comfy.supported_models, "Flux"):
+    config and model classes, seeded random weights (std ``scale``), as a ModelPatcher
+    (benchmarks/tiny/flux.py). It takes the demo CLIP's conditioning and 16-channel latents.
+    Needs ComfyUI 0.3.x."""
+    tiny_flux_mod = importlib.import_module("benchmarks.tiny.flux")
+    tiny = importlib.import_module("benchmarks.tiny")
+    try:
+        return tiny_flux_mod.flux1_model(scale)
+    except tiny.Unavailable:
         pytest.skip(f"{lab.version} has no Flux classes; set COMFYUI_PATH to a ComfyUI 0.3.x checkout")
-    import dataclasses
-    import comfy.ldm.flux.model
-    cfg = dict(TINY_FLUX_CONFIG)
-    if "txt_ids_dims" in {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}:
-        # ComfyUI 0.33 made this a required field; its model detection sets [] for Flux.1
-        # (text tokens get no positional ids), which is what a real Flux.1 checkpoint loads with.
-        cfg["txt_ids_dims"] = []
-    mc = comfy.supported_models.Flux(cfg)
-    with torch.inference_mode():
-        base = mc.get_model({})
-        g = torch.Generator().manual_seed(1)
-        for q in base.diffusion_model.parameters():
-            q.copy_(torch.randn(q.shape, generator=g) * scale)
-    return comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
-                                            offload_device=mm.unet_offload_device())
 
 
 @contextlib.contextmanager

@@ -181,7 +181,7 @@ def test_flux_save_load_combine_info(cn, concept, tmp_path, monkeypatch):
     back, info = cn.ConceptLabConceptNeuronsLoad().load(name)
     assert back.family == "flux" and back.fingerprint == concept.fingerprint and back.layers == concept.layers
     assert all(torch.equal(back.indices[n], concept.indices[n]) for n in concept.indices)
-    assert "(class 'a three', Flux)" in info and f"shut: {concept.count} of {concept.candidates}" in info
+    assert "(class 'a three', Flux.1)" in info and f"shut: {concept.count} of {concept.candidates}" in info
     merged, overlap = cn.ConceptLabConceptNeuronsCombine().combine(concept, back)
     assert merged.count == concept.count and "Jaccard 1.000" in overlap
     assert "Flux" in cn.ConceptLabConceptNeuronsInfo().info(merged)["result"][0]

@@ -242,7 +242,7 @@ def test_auto_method_follows_the_dit_scale(lab, sal, demo):
     guard = lab.runtime.ModelGuard.of(dit)
     patched, rec = _capture(sal, dit, clip)
     assert rec.method == "crossattention" and rec.compare == ()
-    assert rec.method_note.startswith("auto: cross-attention (SD3 DiT, 64 wide, 4 joint blocks")
+    assert rec.method_note.startswith("auto: cross-attention (SD3/SD3.5 DiT, 64 wide, 4 joint blocks")
     img = _sample(lab, patched, clip, vae, n=1, steps=4)
     guard.check("ConceptLab Saliency Capture (auto, DiT) + sampling")
     out = sal.ConceptLabSaliencyMaps().maps(rec, img, "fixed", 0.5, False)

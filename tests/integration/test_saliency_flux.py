@@ -134,7 +134,8 @@ def test_flux_conceptattention_matches_a_step_by_step_recomputation(lab, sal, de
 
 def test_flux_concepts_are_the_words_first_tokens(lab, sal, demo):
     """The demo CLIP has a start token: each concept is the vector after it (T5 has none)."""
-    embeds = sal._concept_embeddings(demo.clip, ["seven"], "flux")
+    arch = importlib.import_module(sal.__name__.rsplit(".", 1)[0] + ".architectures.flux")
+    embeds = sal._concept_embeddings(demo.clip, ["seven"], arch.FluxStream)
     with torch.inference_mode():
         cond = demo.clip.encode_from_tokens(demo.clip.tokenize("seven"))
     assert torch.equal(embeds[0], cond[0, 1].float())

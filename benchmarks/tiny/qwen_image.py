@@ -1,0 +1,1 @@
+"""Qwen-Image tiny model (placeholder module: its builder registers here)."""

@@ -1,0 +1,1 @@
+"""Z-Image tiny model (placeholder module: its builder registers here)."""
