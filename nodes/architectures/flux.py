@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import torch
 
+from .base import TextStream
 
-class FluxStream:
+
+class FluxStream(TextStream):
     kind = "double-stream"
 
     @staticmethod
@@ -25,24 +27,12 @@ class FluxStream:
         self.pooled_embedder = getattr(dm, "vector_in", None)
         self.pooled_dim = getattr(getattr(dm, "params", None), "vec_in_dim", None)   # y[:, :vec_in_dim]
 
-    def width(self) -> int:
-        w = getattr(self.text_in, "out_features", None)
-        return int(w if w is not None else self.text_in.weight.shape[0])
-
     @staticmethod
     def token_key(empty_tokens: dict) -> str:
         # T5 alone makes Flux's text sequence (CLIP-L gives only the pooled vector)
         if "t5xxl" in empty_tokens:
             return "t5xxl"
         return "l" if "l" in empty_tokens else next(iter(empty_tokens))
-
-    @staticmethod
-    def concept_rows(vec, rows):
-        return vec[rows]
-
-    @staticmethod
-    def remove_pooled(vec, delta):
-        return vec - delta
 
     @staticmethod
     def heads(block) -> int:
@@ -74,6 +64,3 @@ class FluxStream:
         x = torch.addcmul(mod2.shift, block.txt_norm2(c), 1 + mod2.scale)
         return c + mod2.gate * block.txt_mlp(x)
 
-    @staticmethod
-    def direct(index: int):
-        return None                            # Flux's original_block calls the block directly

@@ -3,8 +3,10 @@ block's ``context_block``. ComfyUI hands the joint attention (B, T, heads * d) t
 tokens first; the last block's context is ``pre_only`` (its text output is unused)."""
 from __future__ import annotations
 
+from .base import TextStream
 
-class SD3Stream:
+
+class SD3Stream(TextStream):
     kind = "joint"
 
     @staticmethod
@@ -17,23 +19,6 @@ class SD3Stream:
         self.text_in = dm.context_embedder              # raw text-encoder vectors -> stream
         self.pooled_embedder = getattr(dm, "y_embedder", None)
         self.pooled_dim = None                          # reads the whole pooled vector
-
-    def width(self) -> int:
-        w = getattr(self.text_in, "out_features", None)
-        return int(w if w is not None else self.text_in.weight.shape[0])
-
-    @staticmethod
-    def token_key(empty_tokens: dict) -> str:
-        # SD3's sequence starts with the CLIP part (clip_l's tokens lead it)
-        return "l" if "l" in empty_tokens else next(iter(empty_tokens))
-
-    @staticmethod
-    def concept_rows(vec, rows):
-        return vec[rows]
-
-    @staticmethod
-    def remove_pooled(vec, delta):
-        return vec - delta
 
     @staticmethod
     def heads(block) -> int:
