@@ -339,7 +339,7 @@ def auto_method(fam: str, diffusion_model) -> tuple:
     """The method ``auto`` stands for on this model, and a sentence saying why."""
     if fam in UNET_FAMILIES:
         return "daam", f"auto: DAAM ({family_label(fam)} UNet cross-attention)."
-    stream = dit_stream(diffusion_model)
+    stream = dit_stream(diffusion_model, fam)
     if stream is None:                     # _patch_dit refuses the model with its own message
         return "conceptattention", ""
     width, blocks = dit_scale(stream)
@@ -619,7 +619,7 @@ class ConceptLabSaliencyCapture:
         return rec
 
     def _patch_dit(self, m, dm, clip, words, method, layers, fam, hi, lo):
-        stream = dit_stream(dm)
+        stream = dit_stream(dm, fam)
         if stream is None:
             raise fail(CAPTURE, f"This {family_label(fam)} model has no joint (SD3) or "
                        "double-stream (Flux) blocks that ConceptAttention knows.",

@@ -34,17 +34,38 @@ from __future__ import annotations
 
 from typing import Optional
 
-from . import flux, sd3
+import importlib
 
-#: Adapters in the order they are tried.
-STREAMS = (sd3.SD3Stream, flux.FluxStream)
+#: family (nodes/_runtime.py FAMILY_NAMES) -> "module:Class" of its adapter, in this package.
+STREAMS_BY_FAMILY = {
+    "sd3": "sd3:SD3Stream",
+    "flux": "flux:FluxStream",
+    "flux2": "flux2:Flux2Stream",
+    "chroma": "chroma:ChromaStream",
+    "qwen_image": "qwen_image:QwenImageStream",
+    "zimage": "zimage:ZImageStream",
+}
 
 
-def dit_stream(diffusion_model) -> Optional[object]:
-    """The text-stream adapter of a multimodal DiT, or None for other models."""
-    for stream in STREAMS:
-        if stream.matches(diffusion_model):
-            return stream(diffusion_model)
+def stream_class(family: str):
+    """The adapter class of ``family``, or None."""
+    ref = STREAMS_BY_FAMILY.get(family)
+    if ref is None:
+        return None
+    module, name = ref.split(":")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name, None)
+
+
+def dit_stream(diffusion_model, family: Optional[str] = None) -> Optional[object]:
+    """The text-stream adapter of a multimodal DiT of ``family``, or None for other models.
+    Without a family, the first adapter whose ``matches`` accepts the model (SD3, then Flux.1)."""
+    if family is not None:
+        cls = stream_class(family)
+        return cls(diffusion_model) if cls is not None and cls.matches(diffusion_model) else None
+    for fam in ("sd3", "flux"):
+        cls = stream_class(fam)
+        if cls.matches(diffusion_model):
+            return cls(diffusion_model)
     return None
 
 

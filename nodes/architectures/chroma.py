@@ -1,0 +1,1 @@
+"""The chroma text-stream adapter (to be written; see the package doc for the interface)."""

@@ -1,0 +1,1 @@
+"""The zimage text-stream adapter (to be written; see the package doc for the interface)."""
