@@ -12,6 +12,8 @@ Jobs:
               random seeds and best-of-N at equal wall time, time and memory ratios
   foundation  what gradients through a ComfyUI model cost (bytes copied, snapshot bytes, time)
   assets      the bundled demo pictures (demo/images: held-out handwriting for the examples)
+  scale       the pack at real geometry (SD1.5, SD2.1 768-v, SDXL, Flux; seeded weights): saliency
+              overhead and memory, Seed Search peak memory, extraction against a fine-tune step
   families    each capability's mechanics on a tiny model of every family (Flux.1, Flux.2, Chroma,
               Qwen-Image, Z-Image, SD3/SD3.5): {family: {capability: true|false|"unsupported: ..."}}
   locales     locales/en generated from the nodes' own text; the ja / zh translations checked
@@ -80,6 +82,9 @@ def main(argv=None) -> int:
     seed_bench.add_arguments(ss)
     a = sub.add_parser("assets", help="regenerate the bundled demo pictures (demo/images) from the digits world")
     a.add_argument("--json", help="write what was rendered to this path")
+    sc = sub.add_parser("scale", help="the pack at real geometry: SD1.5, SD2.1, SDXL, Flux (memory, time)")
+    from . import scale as scale_job
+    scale_job.add_arguments(sc)
     fa = sub.add_parser("families", help="every capability's mechanics on a tiny model of every family")
     from . import families as families_job
     families_job.add_arguments(fa)
@@ -114,6 +119,8 @@ def main(argv=None) -> int:
         from . import showcase
         res = showcase.write_demo_images()
         print(_table([(k, f"{len(v['files'])} pictures of sample(s) {v['samples']}") for k, v in res.items()]))
+    elif args.job == "scale":
+        res = scale_job.run(args)
     elif args.job == "families":
         res = families_job.run(args)
         print(_table([(f, ", ".join(f"{c} {v}" for c, v in r.items())) for f, r in res["families"].items()]))

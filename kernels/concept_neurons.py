@@ -29,6 +29,8 @@ from typing import Callable, Iterable, Mapping, Optional
 
 import torch
 
+from .layers import fused_kv_start
+
 PROCEDURES = ("iterative", "accumulated")
 CODEC = "delta-byteplanes-zlib-v2"
 
@@ -43,20 +45,21 @@ def candidate_mask(shape: tuple, kind: str) -> Optional[torch.Tensor]:
     """Bool mask of the candidate weights in a layer, or None when every weight is a candidate.
 
     For a fused QKV projection (``kind == "qkv"``) the K and V rows (the 2nd and 3rd thirds of
-    the output rows) are candidates; Q rows are not."""
-    if kind != "qkv":
+    the output rows) are candidates; Q rows are not. ``"qkv_gqa"`` (fewer K/V heads than query
+    heads): the rows after the first ``shape[1]`` (``layers.fused_kv_start``)."""
+    if kind not in ("qkv", "qkv_gqa"):
         return None
     rows = shape[0]
-    if rows % 3:
+    if kind == "qkv" and rows % 3:
         raise ValueError(f"fused qkv weight has {rows} rows, not a multiple of 3")
     m = torch.zeros(shape, dtype=torch.bool)
-    m[rows // 3:] = True
+    m[fused_kv_start(shape, kind):] = True
     return m
 
 
 def candidate_count(shape: tuple, kind: str) -> int:
     n = math.prod(shape)
-    return n * 2 // 3 if kind == "qkv" else n
+    return n - fused_kv_start(shape, kind) * shape[-1] if kind in ("qkv", "qkv_gqa") else n
 
 
 def taylor_scores(weights: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor]) -> dict:

@@ -165,9 +165,11 @@ def sample_and_grad(z: torch.Tensor, to_x: Callable[[torch.Tensor], torch.Tensor
     d(loss.sum())/dz (``None`` with ``with_grad=False``).
 
     ``checkpoint=True`` is gradient checkpointing at step granularity: a no-grad forward keeps
-    only the ``len(sigmas)`` latents; the backward pass then recomputes one step at a time with
-    grad and chains the vector-Jacobian products. Peak memory is one step's activations instead
-    of all of them; compute is one extra forward. ``checkpoint=False`` builds the whole graph
+    only the ``len(sigmas)`` latents (and the x0 predictions of steps with a loss); the backward
+    pass then recomputes one step at a time with grad and chains the vector-Jacobian products.
+    A step's loss is differentiated separately, before the step's model graph exists. Peak
+    memory is the larger of one step's model activations and one loss evaluation's, instead of
+    all steps' activations plus the loss's; compute is one extra model forward. ``checkpoint=False`` builds the whole graph
     (the reference the tests compare against).
     """
     n = len(sigmas) - 1
@@ -191,18 +193,32 @@ def sample_and_grad(z: torch.Tensor, to_x: Callable[[torch.Tensor], torch.Tensor
         (g,) = torch.autograd.grad(total.sum(), zl)
         return total.detach(), x.detach(), g
     with torch.no_grad():
-        xs = [to_x(zl)]
+        xs, dens = [to_x(zl)], {}
         for i in range(n):
-            xs.append(_euler_step(denoise, xs[-1], sigmas[i], sigmas[i + 1])[0])
+            x_next, den = _euler_step(denoise, xs[-1], sigmas[i], sigmas[i + 1])
+            xs.append(x_next)
+            dens[i] = den
     g, total = None, None
     for i in reversed(range(n)):
+        # The step's loss (decoding, an image encoder) is differentiated on its own first, from
+        # the x0 prediction the no-grad pass kept, so its graph is freed before the model's graph
+        # for the step is built: the peak is the larger of the two, not their sum.
+        g_den = None
+        d = dens.pop(i).detach().requires_grad_(True)
+        li = step_loss(d, i)
+        if li is not None:
+            total = li.detach() if total is None else total + li.detach()
+            if li.requires_grad:
+                (g_den,) = torch.autograd.grad(li.sum(), d)
+        del d, li
+        if g_den is None and g is None:
+            g = torch.zeros_like(xs[i])
+            continue
         xi = xs[i].detach().requires_grad_(True)
         x_next, den = _euler_step(denoise, xi, sigmas[i], sigmas[i + 1])
-        li = step_loss(den, i)
         obj = x_next.new_zeros(())
-        if li is not None:
-            obj = obj + li.sum()
-            total = li.detach() if total is None else total + li.detach()
+        if g_den is not None:
+            obj = obj + (den * g_den).sum()
         if g is not None:
             obj = obj + (x_next * g).sum()
         if obj.requires_grad:

@@ -132,6 +132,32 @@ def latent_channels(base) -> int | None:
     return getattr(fmt, "latent_channels", None) or getattr(base.diffusion_model, "in_channels", None)
 
 
+def frame_latents(base) -> bool:
+    """Whether a ComfyUI BaseModel denoises video-shaped latents (B, C, T, H, W), an image being
+    one frame: Qwen-Image, on Wan 2.1's latent format (``latent_dimensions`` 3). ComfyUI's
+    samplers add the frame axis to a 4-D empty latent (``fix_empty_latent_channels``)."""
+    return getattr(getattr(base, "latent_format", None), "latent_dimensions", 2) == 3
+
+
+def vae_frames(vae) -> bool:
+    """Whether a ComfyUI VAE is a video VAE (5-D latents; Wan 2.1's, which Qwen-Image ships):
+    its ``encode`` takes an image batch as the frames of one video."""
+    return getattr(vae, "latent_dim", 2) == 3
+
+
+def vae_ratio(vae) -> int:
+    """Pixels per latent pixel of an image VAE (8 for SD, SDXL, SD3, Flux and Qwen-Image VAEs)."""
+    ratio = None
+    if hasattr(vae, "spacial_compression_encode"):          # 0.3.x: also video VAEs' (t, h, w)
+        try:
+            ratio = vae.spacial_compression_encode()
+        except Exception:  # noqa: BLE001
+            ratio = None
+    if not isinstance(ratio, int):
+        ratio = getattr(vae, "downscale_ratio", 8)
+    return ratio if isinstance(ratio, int) and ratio > 0 else 8
+
+
 def clone_model(model):
     """A ModelPatcher clone: shares weights, owns its patch lists. Patch this, never the input."""
     return model.clone()

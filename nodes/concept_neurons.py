@@ -42,8 +42,8 @@ from ..kernels import concept_neurons as K
 from ..kernels.fingerprint import combined_digest, tensor_digest
 from ..kernels.layers import concept_kv_layers
 from ._runtime import (
-    Progress, clone_model, diffusion_key, fail, family_label, gradients_through, latent_channels,
-    load_for_compute, require_family)
+    Progress, clone_model, diffusion_key, fail, family_label, frame_latents, gradients_through,
+    latent_channels, load_for_compute, require_family, vae_frames, vae_ratio)
 
 log = logging.getLogger("ConceptLab")
 
@@ -52,7 +52,7 @@ FORMAT = "conceptlab.concept_neurons"
 FORMAT_VERSION = 1
 FOLDER = "concept_neurons"
 DEMO_FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo", "concept_neurons")
-SUPPORTED = ("sd1", "sd2", "sdxl", "sd3", "flux")
+SUPPORTED = ("sd1", "sd2", "sdxl", "sd3", "flux", "zimage", "qwen_image", "flux2", "chroma")
 
 EXTRACT = "ConceptLab Concept Neurons Extract"
 SAVE = "ConceptLab Concept Neurons Save"
@@ -273,7 +273,7 @@ def read_file(path: str, node: str = LOAD) -> ConceptNeurons:
         except Exception:  # noqa: BLE001
             raise fail(node, f"'{name}' has a damaged layer entry ({i}).", fix_corrupt) from None
         numel = math.prod(shape) if shape else 0
-        if not shape or any(d <= 0 for d in shape) or numel > MAX_LAYER_NUMEL or kind not in ("k", "v", "qkv"):
+        if not shape or any(d <= 0 for d in shape) or numel > MAX_LAYER_NUMEL or kind not in ("k", "v", "qkv", "qkv_gqa"):
             raise fail(node, f"'{name}' declares an impossible layer {lname} {shape}.", fix_corrupt)
         blob = tensors.get(_tensor_key(i))
         if blob is None:
@@ -417,9 +417,12 @@ def _model_kwargs(base, cond, pooled, batch: int, hw: tuple) -> dict:
 
 
 def guidance_distilled(base, cond, pooled, hw: tuple) -> bool:
-    """True for models that take the guidance strength as a cond (Flux dev/schnell): they are
-    sampled with cfg 1, the guidance is already inside the model."""
-    return "guidance" in extra_model_conds(base, cond, pooled, hw)
+    """True for models that take the guidance strength as a cond (Flux dev/schnell, Flux.2): they
+    are sampled with cfg 1, the guidance is already inside the model. Chroma takes a guidance cond
+    too, but ComfyUI gives it 0 (an input of its modulation approximator) and it is sampled with
+    real CFG."""
+    guidance = extra_model_conds(base, cond, pooled, hw).get("guidance")
+    return guidance is not None and bool(torch.as_tensor(guidance.cond).ne(0).any())
 
 
 def sample_prior(model, clip, prompt: str, n: int, hw: tuple, steps: int, cfg: float, seed: int):
@@ -483,7 +486,7 @@ class ConceptLoss:
         if self.settings.fixed_noise:  # the same draws every evaluation: comparable losses
             self.gen = torch.Generator().manual_seed(self.settings.seed + 1)
         r = self.settings.noise_draws
-        x0 = self.x0.repeat(r, 1, 1, 1)
+        x0 = self.x0.repeat(r, *[1] * (self.x0.ndim - 1))      # (B, C, H, W) or (B, C, 1, H, W)
         sigma = self.sigmas[torch.randint(0, len(self.sigmas), (x0.shape[0],), generator=self.gen)]
         noise = torch.randn(x0.shape, generator=self.gen)
         return x0, sigma, noise
@@ -492,15 +495,15 @@ class ConceptLoss:
         ms = self.base.model_sampling
         dev = comfy.model_management.get_torch_device()
         x0, sigma, noise = x0.to(dev), sigma.to(dev), noise.to(dev)
-        x = ms.noise_scaling(sigma.view(-1, 1, 1, 1), noise, x0)
-        key = (x.shape[0], tuple(x.shape[2:]), dev)
+        x = ms.noise_scaling(sigma.view(-1, *[1] * (x0.ndim - 1)), noise, x0)
+        key = (x.shape[0], tuple(x.shape[-2:]), dev)
         kw = self._model_kw.get(key)
         if kw is None:
             pooled = self.pooled.to(dev) if self.pooled is not None else None
             kw = self._model_kw[key] = _model_kwargs(self.base, self.cond.to(dev), pooled, *key[:2])
         den = self.base.apply_model(x, sigma, **kw)
         w = torch.clamp(1.0 / sigma.float() ** 2, max=5.0) + 1.0
-        per = (den.float() - x0.float()).pow(2).mean(dim=(1, 2, 3)) * w
+        per = (den.float() - x0.float()).pow(2).mean(dim=tuple(range(1, x0.ndim))) * w
         n = self.n_subject + self.n_prior
         per = per.view(-1, n)
         loss = per[:, :self.n_subject].mean()
@@ -526,21 +529,9 @@ class ConceptLoss:
                 loss = self.loss_on(x0, sigma, noise)
                 loss.backward()
             grads = {n: ls[n].grad.detach().float().cpu() for n in self.names}
+            self.copied_bytes = view.copied_bytes     # model weights copied (only dtype lifts)
         self.evaluations += 1
         return float(loss.detach()), grads
-
-
-def vae_ratio(vae) -> int:
-    """Pixels per latent pixel of an image VAE (8 for SD, SDXL, SD3 and Flux VAEs)."""
-    ratio = None
-    if hasattr(vae, "spacial_compression_encode"):          # 0.3.x: also video VAEs' (t, h, w)
-        try:
-            ratio = vae.spacial_compression_encode()
-        except Exception:  # noqa: BLE001
-            ratio = None
-    if not isinstance(ratio, int):
-        ratio = getattr(vae, "downscale_ratio", 8)
-    return ratio if isinstance(ratio, int) and ratio > 0 else 8
 
 
 def max_latent_side(base) -> Optional[int]:
@@ -589,9 +580,23 @@ def check_references(images, vae, base, node: str = EXTRACT) -> torch.Tensor:
 
 
 def images_to_latents(vae, images: torch.Tensor, base, node: str = EXTRACT) -> torch.Tensor:
-    lat = vae.encode(images[:, :, :, :3])
+    """One latent per image, shaped as the model denoises them: (N, C, H, W), or (N, C, 1, H, W)
+    on video-shaped latents (Qwen-Image). A video VAE (Qwen-Image's Wan 2.1) would encode a batch
+    as the frames of one video, so it gets the images one at a time."""
+    images = images[:, :, :, :3]
+    if vae_frames(vae):
+        lat = torch.cat([vae.encode(images[i:i + 1]) for i in range(images.shape[0])])
+    else:
+        lat = vae.encode(images)
+    frames = frame_latents(base)
+    if frames and lat.ndim == 4:
+        lat = lat.unsqueeze(2)                          # an image VAE's latent as one frame
+    if lat.ndim != (5 if frames else 4):
+        raise fail(node, f"The VAE makes latents of shape {tuple(lat.shape)}, the MODEL denoises "
+                   f"{'video-shaped (B, C, 1, H, W)' if frames else 'image (B, C, H, W)'} latents: "
+                   "the VAE does not belong to this model.", "Connect the VAE of the same checkpoint.")
     want = latent_channels(base)
-    if lat.ndim != 4 or lat.shape[1] != want:
+    if lat.shape[1] != want:
         raise fail(node, f"The VAE makes {lat.shape[1] if lat.ndim > 1 else '?'}-channel latents, the MODEL "
                    f"denoises {want}-channel latents: the VAE does not belong to this model.",
                    f"Connect the VAE of the same checkpoint (one that makes {want}-channel latents; "
@@ -641,7 +646,7 @@ def extract(model, clip, vae, images: torch.Tensor, class_prompt: str, settings:
     progress.step()
     if prior_latents is None and settings.prior_images > 0:
         with torch.inference_mode():
-            prior_raw = sample_prior(model, clip, class_prompt, settings.prior_images, tuple(subject.shape[2:]),
+            prior_raw = sample_prior(model, clip, class_prompt, settings.prior_images, tuple(subject.shape[-2:]),
                                      settings.prior_steps, settings.prior_cfg, settings.seed)
         prior_latents = base.process_latent_in(prior_raw.float())
     elif prior_latents is None:

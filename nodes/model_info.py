@@ -5,6 +5,7 @@ import json
 
 from ..kernels.layers import concept_kv_layers, kv_weight_count
 from ._runtime import family_label, model_family, require_family, UNET_FAMILIES, DIT_FAMILIES
+from .architectures import dit_stream
 
 NODE = "ConceptLab Model Info"
 
@@ -16,13 +17,21 @@ def describe_model(model) -> dict:
     shapes = {n: tuple(p.shape) for n, p in dm.named_parameters()}
     layers = concept_kv_layers(shapes)
     fam = model_family(model)
+    label, architecture = family_label(fam), None
+    stream = dit_stream(dm, fam) if fam in DIT_FAMILIES else None
+    if stream is not None:   # the checkpoint's kind, e.g. SD3.5 (one family id with SD3)
+        cfg = getattr(getattr(model.model, "model_config", None), "unet_config", None) or {}
+        own, architecture = stream.describe(cfg)
+        label = own or label
     return {
         "family": fam,
-        "family_label": family_label(fam),
+        "family_label": label,
+        "architecture": architecture,
         "parameters": sum(p.numel() for p in dm.parameters()),
         "dtype": str(next(dm.parameters()).dtype).replace("torch.", ""),
         "kv_layers": len(layers),
         "kv_weights": kv_weight_count(layers, shapes),
+        "candidates": getattr(stream, "candidates_note", None),   # which weights, and why
     }
 
 
@@ -46,6 +55,10 @@ class ConceptLabModelInfo:
         text = json.dumps(info)
         lines = [f"{info['family_label']}: {info['parameters']:,} parameters ({info['dtype']})",
                  f"{info['kv_layers']} K/V layers, {info['kv_weights']:,} concept-neuron candidates"]
+        if info["architecture"]:
+            lines.append(info["architecture"])
+        if info["candidates"]:
+            lines.append(info["candidates"])
         return {"ui": {"text": lines}, "result": (text,)}
 
 

@@ -43,7 +43,7 @@ CAPTURE = "ConceptLab Saliency Capture"
 MAPS = "ConceptLab Saliency Maps"
 MASK_NODE = "ConceptLab Mask From Concept"
 METHODS = ("auto", "daam", "conceptattention", "crossattention")
-DIT_SALIENCY_FAMILIES = ("sd3", "flux")
+DIT_SALIENCY_FAMILIES = ("sd3", "flux", "flux2", "chroma", "zimage", "qwen_image")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -374,8 +374,9 @@ class _ConceptAttentionBlock:
         return self._direct(args)
 
     def _initial_concepts(self, like: torch.Tensor, vec: torch.Tensor):
-        """The concept tokens entering the first block, and the modulation vector they use.
-        Both inputs that do not change within a run are computed once per run."""
+        """The concept tokens entering the first block, and the modulation input they use in the
+        block whose ``vec`` is given. The parts that do not change within a run (the concepts'
+        text projection, the pooled text's share) are computed once per run."""
         rec = self.rec
         cache = rec._cache
         key = ("concepts", like.dtype, like.device)
@@ -408,35 +409,56 @@ class _ConceptAttentionBlock:
 
         def override(func, *a, **kw):
             out = earlier(func, *a, **kw) if earlier is not None else func(*a, **kw)
-            if not stash:
-                stash["q"], stash["k"], stash["v"], stash["o"] = a[0], a[1], a[2], out
+            # the joint attention: the call over the most tokens (text + image). SD3.5 Medium's
+            # MMDiT-X blocks run an image-only self-attention after it, which must not count.
+            n = self.stream.tokens_major(a[1]).shape[1]
+            if not stash or n > stash["n"]:
+                stash["q"], stash["k"], stash["v"], stash["o"], stash["n"] = a[0], a[1], a[2], out, n
             return out
 
         result = self._run(dict(args, transformer_options=dict(
             options, optimized_attention_override=override)), extra)
+        self.observe(args, stash)
+        return result
+
+    def observe(self, args, stash: dict) -> None:
+        """The concepts' step through this block, from the block's inputs ``args`` (txt, vec) and
+        its joint attention call ``stash`` (q, k, v, o; empty when none was seen). ``__call__``
+        calls it after running the block; on models without block replaces the adapter's
+        ``hook`` calls it after the model ran the block."""
+        rec = self.rec
+        if not rec._active:
+            return
         if not stash:                         # no attention call seen (unknown block type)
             rec.skipped_calls += 1
-            return result
+            return
         st = self.stream
         rows = rec._rows
-        txt, vec = args["txt"], st.concept_rows(args["vec"], rows)
+        txt, vec = args["txt"], st.concept_inputs(args, rows)
+        # the concepts enter at the first block; the modulation input is this block's own (the
+        # same vector for every block on SD3 and Flux.1, a per-block slice on Chroma)
+        emb, rec._concept_vec = self._initial_concepts(txt[rows], vec)
         if rec._concepts is None:
-            rec._concepts, rec._concept_vec = self._initial_concepts(txt[rows], vec)
+            rec._concepts = emb
         block = st.blocks[self.index]
         heads = st.heads(block)
         q, k, v = (st.tokens_major(stash[n][rows]) for n in "qkv")
         img = st.image_slice(block, txt.shape[1], k.shape[1])
         (q_c, k_c, v_c), inter = st.pre(block, rec._concepts, rec._concept_vec)
         o_c = K.concept_attention(q_c, k_c, v_c, k[:, img], v[:, img], heads)
+        # reference images (ReferenceLatent: Flux.1 Kontext, Flux.2, Qwen-Image-Edit) follow the
+        # sampled image's tokens: the concepts read them, as the text does; the maps cover the
+        # sampled image only
+        refs = sum((args.get("transformer_options") or {}).get("reference_image_num_tokens") or ())
+        own = slice(img.start, img.stop - refs) if refs else img
         if self.record:
             if rec.method == "conceptattention" or "conceptattention" in rec.compare:
-                rec.add("conceptattention", K.concept_saliency(stash["o"][rows, img], o_c))
+                rec.add("conceptattention", K.concept_saliency(stash["o"][rows, own], o_c))
             if rec.method == "crossattention" or "crossattention" in rec.compare:
-                rec.add("crossattention", K.cross_attention_saliency(q[:, img], k_c, heads))
+                rec.add("crossattention", K.cross_attention_saliency(q[:, own], k_c, heads))
         nxt = st.post(block, o_c, inter)
         if nxt is not None:                   # None after SD3's last block (context pre_only)
             rec._concepts = nxt
-        return result
 
 
 class _CallWrapper:
@@ -465,18 +487,21 @@ def _concept_embeddings(clip, words: list, stream) -> torch.Tensor:
     """(C, D): each concept word encoded alone; the conditioning vector of its first token.
 
     The tokenizer output read is the one that makes the model's text sequence (the adapter's
-    ``token_key``). The first token sits after the start token when that encoder has one (CLIP,
-    and the CLIP part that leads SD3's sequence), and first when it has none (T5, which alone
-    makes Flux's sequence)."""
+    ``token_key``). The first token is where the word's tokens part from the empty prompt's:
+    after the start token when that encoder has one (CLIP, and the CLIP part that leads SD3's
+    sequence), first when it has none (T5, which alone makes Flux's sequence), after the prompt
+    template (Qwen-Image's Qwen2.5-VL), whose head the encoder then drops from its output."""
     empty = clip.tokenize("")
     key = stream.token_key(empty)
-    empty_first = int(empty[key][0][0][0])
+    empty_ids = [t[0] for chunk in empty[key] for t in chunk]
     rows = []
     for w in words:
         tokens = clip.tokenize(w)
-        first = 1 if int(tokens[key][0][0][0]) == empty_first else 0   # a shared first id: a start token
+        ids = [t[0] for chunk in tokens[key] for t in chunk]
+        first = next((i for i, (a, b) in enumerate(zip(ids, empty_ids)) if a != b), 0)
         cond = clip.encode_from_tokens(tokens)
         cond = cond[0] if isinstance(cond, (tuple, list)) else cond
+        first = max(0, first - max(0, len(ids) - cond.shape[1]))     # tokens dropped in front
         rows.append(cond[0, first].float().cpu())
     return torch.stack(rows)
 
@@ -635,9 +660,7 @@ class ConceptLabSaliencyCapture:
         rec = SaliencyRecording(words=words, method=method, family=fam, layers=chosen,
                                 sigma_hi=hi, sigma_lo=lo, concept_embeds=embeds)
         for i in range(max(chosen) + 1):      # concepts must pass every block up to the last read
-            prev = _existing_replace(m, "dit", ("double_block", i))
-            m.set_model_patch_replace(_ConceptAttentionBlock(rec, stream, i, i in chosen, prev),
-                                      "dit", "double_block", i)
+            stream.hook(m, i, lambda prev, i=i: _ConceptAttentionBlock(rec, stream, i, i in chosen, prev))
         return rec
 
 

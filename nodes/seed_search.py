@@ -33,12 +33,12 @@ import comfy.samplers
 
 from ..kernels import seed_search as K
 from ..kernels.autograd import activation_snapshots, differentiable_weights
-from ._runtime import (Progress, check_interrupt, fail, gradients_through, interrupt_types, latent_channels,
-                       load_for_compute, require_family)
+from ._runtime import (Progress, check_interrupt, fail, frame_latents, gradients_through, interrupt_types,
+                       latent_channels, load_for_compute, require_family, vae_frames, vae_ratio)
 
 SEARCH = "ConceptLab Seed Search (optimise)"
 RANK = "ConceptLab Seed Rank (best-of-N)"
-FAMILIES = ("sd1", "sd2", "sdxl", "sd3")
+FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "flux", "flux2", "chroma", "qwen_image", "zimage")
 MAX_REFERENCES = 10
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -58,12 +58,18 @@ def schedule(model, steps: int, scheduler: str = "normal") -> torch.Tensor:
 
 
 def fix_latent(model, latent: dict) -> dict:
-    """0.3.x's fix_empty_latent_channels (an empty 4-channel latent for a 16-channel model)."""
+    """0.3.x's fix_empty_latent_channels (an empty 4-channel latent for a 16-channel model), with
+    the latent's own downscale ratio where it has one, as the stock samplers call it (an 8x empty
+    latent becomes Flux.2's 16x one)."""
     fix = getattr(comfy.sample, "fix_empty_latent_channels", None)
     if fix is None:
         return latent
     out = dict(latent)
-    out["samples"] = fix(model, latent["samples"])
+    ratios = [latent.get(k) for k in ("downscale_ratio_spacial", "downscale_ratio_temporal")]
+    if any(r is not None for r in ratios):
+        out["samples"] = fix(model, latent["samples"], *ratios)
+    else:
+        out["samples"] = fix(model, latent["samples"])
     return out
 
 
@@ -116,6 +122,14 @@ def vae_posterior_mean(vae, images_bchw: torch.Tensor) -> torch.Tensor:
     """The VAE encoder's posterior mean (raw latent space) of images in [0, 1]; differentiable."""
     fsm = _vae_module(vae)
     x = (images_bchw * 2.0 - 1.0).to(vae.device, getattr(vae, "vae_dtype", torch.float32))
+    if getattr(fsm, "bn", None) is not None:
+        # Flux.2's VAE: its latents are the posterior mean folded into 2x2 patches and
+        # batch-normed; the module's own encode makes them (its regulariser returns the mean)
+        return fsm.encode(x).float()
+    if vae_frames(vae):
+        # a video VAE (Qwen-Image's Wan 2.1): each image is a one-frame video; its encode returns
+        # the posterior mean (B, C, 1, h, w)
+        return fsm.encode(x.unsqueeze(2))[:, :, 0].float()
     h = fsm.encoder(x)
     qc = getattr(fsm, "quant_conv", None)
     if qc is not None:
@@ -127,7 +141,8 @@ def vae_posterior_mean(vae, images_bchw: torch.Tensor) -> torch.Tensor:
 def vae_decode(vae, latent_raw: torch.Tensor) -> torch.Tensor:
     """Decoded images (B, 3, H, W) in [0, 1]; differentiable (ComfyUI's VAE.decode is not)."""
     fsm = _vae_module(vae)
-    out = fsm.decode(latent_raw.to(vae.device, getattr(vae, "vae_dtype", torch.float32)))
+    z = latent_raw.to(vae.device, getattr(vae, "vae_dtype", torch.float32))
+    out = fsm.decode(z.unsqueeze(2))[:, :, 0] if vae_frames(vae) else fsm.decode(z)   # video VAE: one frame
     return ((out.float() + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
@@ -154,6 +169,40 @@ def clip_vision_embed(cv, images_bchw: torch.Tensor) -> torch.Tensor:
     return out[2].float()
 
 
+#: The decoder blocks that are checkpointed one by one while gradients flow through the VAE.
+CHECKPOINTED_BLOCKS = ("ResnetBlock", "AttnBlock", "Upsample")
+
+
+@contextlib.contextmanager
+def checkpointed_blocks(module, class_names=CHECKPOINTED_BLOCKS):
+    """Gradient checkpointing block by block inside ``module`` for the duration of the ``with``.
+
+    The semantic loss decodes the latent with gradients, and a VAE decoder's activations at full
+    resolution are larger than the diffusion model's (an SD-size decoder at 768 px: about 14 GB
+    for one image). With each block's forward wrapped in ``torch.utils.checkpoint`` only the
+    blocks' inputs are kept; a block's insides are recomputed when its gradient is needed. The
+    wrappers are instance attributes over the class's own ``forward``, removed on exit: nothing
+    of the VAE changes (weights are untouched; the tests check them bit for bit)."""
+    import torch.utils.checkpoint as ckpt
+    wrapped = []
+    for m in module.modules():
+        if type(m).__name__ not in class_names or "forward" in vars(m):
+            continue
+        fwd = m.forward
+
+        def run(*a, _fwd=fwd, **k):
+            if torch.is_grad_enabled():
+                return ckpt.checkpoint(_fwd, *a, use_reentrant=False, **k)
+            return _fwd(*a, **k)
+        m.forward = run
+        wrapped.append(m)
+    try:
+        yield len(wrapped)
+    finally:
+        for m in wrapped:
+            del m.forward
+
+
 @contextlib.contextmanager
 def differentiable(model, vae, clip_vision=None):
     """Autograd through the diffusion model, the VAE and the CLIP vision model, zero-copy.
@@ -166,6 +215,9 @@ def differentiable(model, vae, clip_vision=None):
         stack.enter_context(gradients_through(model, snapshot_saved=False))
         for m in extra:
             stack.enter_context(differentiable_weights(m, snapshot_saved=False))
+        decoder = getattr(extra[0], "decoder", None)
+        if decoder is not None:
+            stack.enter_context(checkpointed_blocks(decoder))
         mods = [model.model.diffusion_model] + extra
         weights = [t for m in mods for t in list(m.parameters()) + list(m.buffers())]
         stack.enter_context(activation_snapshots(weights))
@@ -195,7 +247,8 @@ class Objective:
         self.embedding = "clip_vision" if clip_vision is not None else "vae_latent"
 
     def _raw(self, x0):
-        return self.base.process_latent_out(x0)
+        raw = self.base.process_latent_out(x0)
+        return raw[:, :, 0] if raw.ndim == 5 else raw      # video-shaped latents: the one frame
 
     def parts(self, x0, semantic=True, appearance=True) -> dict:
         raw = self._raw(x0)
@@ -252,9 +305,11 @@ def check_latent(node, model, latent) -> dict:
     latent = fix_latent(model, latent)
     s = latent["samples"]
     want = latent_channels(model.model)
-    if s.ndim != 4 or (want is not None and s.shape[1] != want):
+    frames = frame_latents(model.model)       # Qwen-Image: an image is one frame (B, C, 1, H, W)
+    if s.ndim != (5 if frames else 4) or (frames and s.shape[2] != 1) \
+            or (want is not None and s.shape[1] != want):
         raise fail(node, f"The latent has shape {tuple(s.shape)}, but this model works on "
-                   f"{want}-channel image latents (B, {want}, H, W).",
+                   f"{want}-channel image latents (B, {want}, {'1, ' if frames else ''}H, W).",
                    "Use an Empty Latent Image made for this model (e.g. SD3 / SDXL latent nodes).")
     return latent
 
@@ -288,7 +343,7 @@ def gather_references(node, images, height: int, width: int) -> torch.Tensor:
 
 
 def pixel_size(vae, latent_samples) -> tuple:
-    r = int(getattr(vae, "downscale_ratio", 8) or 8)
+    r = vae_ratio(vae)
     return latent_samples.shape[-2] * r, latent_samples.shape[-1] * r
 
 
@@ -542,7 +597,7 @@ class ConceptLabSeedRank:
         scores = []
         for chunk in chunks:
             noise = torch.cat([comfy.sample.prepare_noise(samples, s, latent.get("batch_index")) for s in chunk])
-            lat = samples.repeat(len(chunk), 1, 1, 1)
+            lat = samples.repeat(len(chunk), *[1] * (samples.ndim - 1))
 
             def body(denoise, to_x, sig):
                 with torch.inference_mode(False), torch.no_grad():

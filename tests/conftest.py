@@ -158,6 +158,113 @@ def tiny_flux(lab, scale: float = 0.05):
         pytest.skip(f"{lab.version} has no Flux classes; set COMFYUI_PATH to a ComfyUI 0.3.x checkout")
 
 
+def subject_images(n: int = 3):
+    """A concept's subject: one held-out handwritten three of the digits world, in n colours
+    (n, 64, 64, 3)."""
+    import numpy as np
+    import torch
+    from benchmarks.world import scenes as S
+    cfg = S.WorldConfig()
+    subject = int(S.heldout_indices(cfg, 3)[0])
+    names = cfg.colour_names
+    imgs = [S.render_subject(cfg, subject, colour=names[i % len(names)]).image for i in range(n)]
+    return torch.from_numpy(np.stack(imgs)).float() / 255.0
+
+
+def extract_settings(cn, **kw):
+    """Concept-neuron extraction settings small enough for tiny models (5 % budget, 3 rounds)."""
+    base = dict(procedure="iterative", budget_fraction=0.05, iterations=3, prior_images=0, prior_steps=2,
+                noise_draws=2)
+    base.update(kw)
+    return cn.ExtractSettings(**base)
+
+
+def extract_concept(cn, model, clip, vae, **kw):
+    """The subject's concept ("a three") extracted from ``model`` with :func:`extract_settings`."""
+    import torch
+    with torch.inference_mode():
+        return cn.extract(model, clip, vae, subject_images(), "a three", extract_settings(cn, **kw))
+
+
+def check_apply(lab, cn, model, concept) -> tuple:
+    """Concept Neurons Apply at strength 1 and 0.5: exactly the concept's layers change, only at
+    its indices (to 0 and to half), every other weight stays bit-identical, and the incoming MODEL
+    is untouched, also after the clones were loaded. Returns the two clones."""
+    import torch
+    import comfy.model_management as mm
+
+    def weights(m):   # the diffusion-model weights a MODEL computes with (its own patches applied)
+        mm.load_models_gpu([m])
+        return {n: p.detach().clone() for n, p in m.model.diffusion_model.named_parameters()}
+    guard = lab.runtime.ModelGuard.of(model)
+    layers = sorted(n for n in concept.layers if concept.indices[n].numel())   # those it shuts weights of
+    before = weights(model)
+    with torch.inference_mode():
+        full = cn.ConceptLabConceptNeuronsApply().apply(model, concept, 1.0)[0]
+        half = cn.ConceptLabConceptNeuronsApply().apply(model, concept, 0.5)[0]
+    guard.check("apply")
+    for patched, factor in ((full, 0.0), (half, 0.5)):
+        after = weights(patched)
+        changed = sorted(n for n in before if not torch.equal(before[n], after[n]))
+        assert changed == layers, changed
+        for n in layers:
+            w0, w = before[n].reshape(-1), after[n].reshape(-1)
+            idx = concept.indices[n]
+            assert torch.allclose(w[idx], factor * w0[idx])
+            keep = torch.ones_like(w, dtype=torch.bool)
+            keep[idx] = False
+            assert torch.equal(w[keep], w0[keep])
+    mm.unload_all_models()
+    guard.check("apply (after loading the clones)")
+    return full, half
+
+
+def check_cross_family(lab, cn, model, clip, concept, label: str) -> None:
+    """On a 16-channel model of family ``label`` (e.g. "Z-Image"): its concept is refused on the
+    SD3-style demo DiT and an SD3 concept on it (Apply), Combine refuses to mix them, and Extract
+    refuses a 4-channel VAE; ``model`` stays bit-identical."""
+    import torch
+    guard = lab.runtime.ModelGuard.of(model)
+    with torch.inference_mode():  # the SD3-style demo MMDiT, on the demo's 4-channel latents
+        dit, _, vae4, _ = lab.demo.build_demo_model("digits_dit")
+    sd3 = extract_concept(cn, dit, clip, vae4, iterations=1, noise_draws=1)
+    assert sd3.family == "sd3"
+    for c, target, words in ((concept, dit, (f"made for a {label} model", "MODEL is SD3")),
+                             (sd3, model, ("made for a SD3", f"MODEL is {label}"))):
+        with pytest.raises(lab.runtime.ConceptLabError) as e:
+            cn.ConceptLabConceptNeuronsApply().apply(target, c, 1.0)
+        msg = str(e.value)
+        assert msg.startswith("[ConceptLab Concept Neurons Apply]") and "Fix:" in msg
+        assert all(w in msg for w in words), msg
+    with pytest.raises(lab.runtime.ConceptLabError, match="different models"):
+        cn.ConceptLabConceptNeuronsCombine().combine(concept, sd3)
+    with pytest.raises(lab.runtime.ConceptLabError) as e:
+        cn.ConceptLabConceptNeuronsExtract().extract(model, clip, vae4, subject_images(), "a three", "iterative",
+                                                     0.4, 1, 0.3, 0, 0)
+    msg = str(e.value)
+    assert msg.startswith("[ConceptLab Concept Neurons Extract]"), msg
+    assert "4-channel latents" in msg and "16-channel latents" in msg and "Fix: Connect the VAE" in msg, msg
+    guard.check("refusals")
+
+
+def check_save_load(cn, concept, folder, monkeypatch, prefix: str) -> tuple:
+    """Concept Neurons Save into ``folder`` (as models/concept_neurons), then Load: the same
+    family, fingerprint, layers and indices. Returns Load's (concept, info)."""
+    import torch
+    import folder_paths
+    entry = folder_paths.folder_names_and_paths[cn.FOLDER]
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, cn.FOLDER, ([str(folder)], entry[1]))
+    if hasattr(folder_paths, "filename_list_cache"):
+        folder_paths.filename_list_cache.clear()
+    name = cn.ConceptLabConceptNeuronsSave().save(concept, prefix)["result"][0]
+    back, info = cn.ConceptLabConceptNeuronsLoad().load(name)
+    assert back.family == concept.family and back.fingerprint == concept.fingerprint
+    assert back.layers == concept.layers
+    assert all(torch.equal(back.indices[n], concept.indices[n]) for n in concept.indices)
+    assert f"shut: {concept.count} of {concept.candidates}" in info
+    return back, info
+
+
 @contextlib.contextmanager
 def interrupt_at_progress(lab, value: int):
     """Press ComfyUI's cancel once a progress bar reaches ``value``; expect the interruption."""

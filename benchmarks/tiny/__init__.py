@@ -116,4 +116,7 @@ def vae(latent_channels: int, seed: int = 3):
     with torch.inference_mode():
         probe = AutoencoderKL(**params)
         d._seeded_init_(probe, seed)
-        return comfy.sd.VAE(sd=probe.state_dict(), config={"params": params})
+        out = comfy.sd.VAE(sd=probe.state_dict(), config={"params": params})
+    # ComfyUI reads the count off a checkpoint's weights, but leaves 4 for a VAE given a config
+    out.latent_channels = latent_channels
+    return out

@@ -20,6 +20,9 @@ offers:
   concept word's vector is read from the same encoder;
 - ``concept_rows(vec, rows)``: the modulation input of the block for the positive rows (a tensor,
   or whatever structure the architecture passes its blocks);
+- ``concept_inputs(args, rows)``: what ``pre`` takes as ``vec``, from the block's inputs
+  ``args`` (by default ``concept_rows(args["vec"], rows)``; Qwen-Image adds the concepts' rotary
+  embedding);
 - ``remove_pooled(vec, delta)``: the same with the pooled text's contribution ``delta`` removed;
 - ``heads(block)``, ``image_slice(block, n_txt, n_tokens)``, ``tokens_major(t)``: how the
   block's attention tensors are laid out, as ComfyUI hands them to its attention function;
@@ -28,7 +31,13 @@ offers:
 - ``post(block, o_c, inter)``: the concepts' attention output through the text stream's
   projection and MLP, the next block's concepts (None after a block whose text output is unused);
 - ``direct(index)``: a callable that runs block ``index`` the way ComfyUI runs an unpatched block,
-  when its ``original_block`` would cost more (None otherwise).
+  when its ``original_block`` would cost more (None otherwise);
+- ``hook(model, index, make)``: puts the capture's patch for block ``index`` on a MODEL clone,
+  ``make(previous)`` building it (by default a ``("double_block", index)`` dit replace around the
+  one already there; Z-Image, whose model has no block replaces, taps its per-layer patches and
+  attention calls and calls the patch's ``observe(args, stash)`` itself);
+- ``candidates_note`` (optional): which weights are this architecture's concept-neuron
+  candidates, and why (Model Info shows it).
 """
 from __future__ import annotations
 

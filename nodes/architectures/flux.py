@@ -50,7 +50,11 @@ class FluxStream(TextStream):
 
     @staticmethod
     def pre(block, c, vec):
-        mod1, mod2 = block.txt_mod(vec)
+        return FluxStream.modulated_pre(block, c, *block.txt_mod(vec))
+
+    @staticmethod
+    def modulated_pre(block, c, mod1, mod2):
+        """``pre`` with the text stream's two modulations (shift, scale, gate) already made."""
         x = torch.addcmul(mod1.shift, block.txt_norm1(c), 1 + mod1.scale)
         qkv = block.txt_attn.qkv(x)
         q, k, v = qkv.view(qkv.shape[0], qkv.shape[1], 3, block.num_heads, -1).permute(2, 0, 3, 1, 4)

@@ -5,11 +5,11 @@ rows of the double-stream blocks' text QKV, the incoming MODEL stays bit-identic
 and concepts / VAEs of another family are refused clearly. Skips on ComfyUI without Flux (2024)."""
 import copy
 
-import numpy as np
 import pytest
 import torch
 
-from conftest import interrupt_at_progress, tiny_flux
+from conftest import check_apply, check_cross_family, check_save_load, interrupt_at_progress, tiny_flux
+from conftest import extract_concept as _extract, extract_settings as _settings, subject_images as _images
 
 TXT_QKV = "txt_attn.qkv.weight"
 
@@ -42,28 +42,6 @@ def _vae16(lab):
         return comfy.sd.VAE(sd=probe.state_dict(), config={"params": params})
 
 
-def _images(n=3):
-    """The subject: one held-out handwritten three of the digits world, in n colours (64 x 64)."""
-    from benchmarks.world import scenes as S
-    cfg = S.WorldConfig()
-    subject = int(S.heldout_indices(cfg, 3)[0])
-    names = cfg.colour_names
-    imgs = [S.render_subject(cfg, subject, colour=names[i % len(names)]).image for i in range(n)]
-    return torch.from_numpy(np.stack(imgs)).float() / 255.0
-
-
-def _settings(cn, **kw):
-    base = dict(procedure="iterative", budget_fraction=0.05, iterations=3, prior_images=0, prior_steps=2,
-                noise_draws=2)
-    base.update(kw)
-    return cn.ExtractSettings(**base)
-
-
-def _extract(cn, model, clip, vae, **kw):
-    with torch.inference_mode():
-        return cn.extract(model, clip, vae, _images(), "a three", _settings(cn, **kw))
-
-
 @pytest.fixture(scope="module")
 def concept(cn, parts):
     model, clip, _, vae16 = parts
@@ -73,13 +51,6 @@ def concept(cn, parts):
 def _unload():
     import comfy.model_management as mm
     mm.unload_all_models()
-
-
-def _weights(model):
-    """The diffusion-model weights a MODEL computes with (its own patches applied)."""
-    import comfy.model_management as mm
-    mm.load_models_gpu([model])
-    return {n: p.detach().clone() for n, p in model.model.diffusion_model.named_parameters()}
 
 
 def _loss(cn, lab, model, clip, vae):
@@ -123,24 +94,7 @@ def test_flux_extract_apply_touches_only_text_kv_and_lowers_the_loss(lab, cn, pa
     assert c.stats["loss_end"] < c.stats["loss_start"] and all(p is params[n] for n, p in model.model.diffusion_model.named_parameters())
     guard.check("flux extract")
 
-    before = _weights(model)
-    with torch.inference_mode():
-        full = cn.ConceptLabConceptNeuronsApply().apply(model, c, 1.0)[0]
-        half = cn.ConceptLabConceptNeuronsApply().apply(model, c, 0.5)[0]
-    guard.check("flux apply")
-    for patched, factor in ((full, 0.0), (half, 0.5)):
-        after = _weights(patched)
-        changed = sorted(n for n in before if not torch.equal(before[n], after[n]))
-        assert changed == layers, changed
-        for n in layers:
-            w0, w = before[n].reshape(-1), after[n].reshape(-1)
-            idx = c.indices[n]
-            assert torch.allclose(w[idx], factor * w0[idx])
-            keep = torch.ones_like(w, dtype=torch.bool)
-            keep[idx] = False
-            assert torch.equal(w[keep], w0[keep])
-    _unload()
-    guard.check("flux apply (after loading the clones)")
+    full, _ = check_apply(lab, cn, model, c)
 
     # The shut set lowers the concept-implanting loss, and far more than as many random K/V weights
     # (the random tiny model's text path moves the loss little in absolute terms: 1.0691 -> 1.0620 here).
@@ -172,41 +126,16 @@ def test_flux_accumulated_procedure(lab, cn, parts):
 
 
 def test_flux_save_load_combine_info(cn, concept, tmp_path, monkeypatch):
-    import folder_paths
-    entry = folder_paths.folder_names_and_paths[cn.FOLDER]
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, cn.FOLDER, ([str(tmp_path)], entry[1]))
-    if hasattr(folder_paths, "filename_list_cache"):
-        folder_paths.filename_list_cache.clear()
-    name = cn.ConceptLabConceptNeuronsSave().save(concept, "flux/three")["result"][0]
-    back, info = cn.ConceptLabConceptNeuronsLoad().load(name)
-    assert back.family == "flux" and back.fingerprint == concept.fingerprint and back.layers == concept.layers
-    assert all(torch.equal(back.indices[n], concept.indices[n]) for n in concept.indices)
-    assert "(class 'a three', Flux.1)" in info and f"shut: {concept.count} of {concept.candidates}" in info
+    back, info = check_save_load(cn, concept, tmp_path, monkeypatch, "flux/three")
+    assert back.family == "flux" and "(class 'a three', Flux.1)" in info
     merged, overlap = cn.ConceptLabConceptNeuronsCombine().combine(concept, back)
     assert merged.count == concept.count and "Jaccard 1.000" in overlap
     assert "Flux" in cn.ConceptLabConceptNeuronsInfo().info(merged)["result"][0]
 
 
 def test_cross_family_concepts_and_foreign_vae_are_refused(lab, cn, parts, concept):
-    model, clip, vae4, _ = parts
-    guard = lab.runtime.ModelGuard.of(model)
-    with torch.inference_mode():  # the SD3-style demo MMDiT, on the demo's 4-channel latents
-        dit, _, _, _ = lab.demo.build_demo_model("digits_dit")
-    sd3 = _extract(cn, dit, clip, vae4, iterations=1, prior_images=0, noise_draws=1)
-    assert sd3.family == "sd3"
-    for c, target, words in ((concept, dit, ("Flux model", "is SD3")), (sd3, model, ("SD3 model", "is Flux"))):
-        with pytest.raises(lab.runtime.ConceptLabError) as e:
-            cn.ConceptLabConceptNeuronsApply().apply(target, c, 1.0)
-        msg = str(e.value)
-        assert msg.startswith("[ConceptLab Concept Neurons Apply]") and "Fix:" in msg
-        assert all(w in msg for w in words), msg
-    with pytest.raises(lab.runtime.ConceptLabError) as e:
-        cn.ConceptLabConceptNeuronsExtract().extract(model, clip, vae4, _images(), "a three", "iterative", 0.4,
-                                                     1, 0.3, 0, 0)
-    msg = str(e.value)
-    assert msg.startswith("[ConceptLab Concept Neurons Extract]"), msg
-    assert "4-channel latents" in msg and "16-channel latents" in msg and "Fix: Connect the VAE" in msg, msg
-    guard.check("refusals")
+    model, clip, _, _ = parts
+    check_cross_family(lab, cn, model, clip, concept, "Flux.1")
 
 
 def test_cancel_mid_flux_extraction_leaves_no_patch(lab, cn, parts):

@@ -11,8 +11,8 @@ import importlib
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+import flux_family as FF
 from conftest import tiny_flux
 
 PROMPT = "a red seven on the left and a blue two on the right"
@@ -60,39 +60,10 @@ def test_flux_capture_leaves_the_image_bit_identical(lab, sal, demo, flux):
 
 
 def _reference(dm, inputs, rows, embeds, y):
-    """ConceptAttention recomputed from the blocks' real inputs with plain torch ops."""
-    from comfy.ldm.flux.math import apply_rope
-    c = dm.txt_in(embeds.unsqueeze(0).to(y.dtype)).expand(2, -1, -1)
-    maps = []
-    for i, block in enumerate(dm.double_blocks):
-        img, txt, vec, pe = (inputs[i][k] for k in ("img", "txt", "vec", "pe"))
-        img, txt, vec, pe = img[rows], txt[rows], vec[rows], pe[rows] if pe.shape[0] > 1 else pe
-        vec_c = vec - dm.vector_in(y) + dm.vector_in(torch.zeros_like(y))
-
-        def qkv(mod, norm, attn, x):
-            x = torch.addcmul(mod.shift, norm(x), 1 + mod.scale)     # as Flux's apply_mod
-            q, k, v = attn.qkv(x).view(x.shape[0], x.shape[1], 3, block.num_heads, -1).permute(2, 0, 3, 1, 4)
-            q, k = attn.norm(q, k, v)
-            return q, k, v
-
-        im1, _ = block.img_mod(vec)
-        tm1, _ = block.txt_mod(vec)
-        qi, ki, vi = qkv(im1, block.img_norm1, block.img_attn, img)
-        qt, kt, vt = qkv(tm1, block.txt_norm1, block.txt_attn, txt)
-        q, k = apply_rope(torch.cat((qt, qi), 2), torch.cat((kt, ki), 2), pe)
-        v = torch.cat((vt, vi), 2)
-        d = q.shape[-1]
-        o = torch.softmax(q @ k.transpose(-1, -2) / d ** 0.5, -1) @ v          # B H T d
-        n_txt = txt.shape[1]
-        o_img = o[:, :, n_txt:].transpose(1, 2).flatten(2)
-        cm1, cm2 = block.txt_mod(vec_c)
-        qc, kc, vc = qkv(cm1, block.txt_norm1, block.txt_attn, c)             # position 0: no rotation
-        kk, vv = torch.cat((k[:, :, n_txt:], kc), 2), torch.cat((vi, vc), 2)
-        oc = F.scaled_dot_product_attention(qc, kk, vv).transpose(1, 2).flatten(2)
-        maps.append(torch.softmax(o_img @ oc.transpose(1, 2), -1))
-        c = c + cm1.gate * block.txt_attn.proj(oc)
-        c = c + cm2.gate * block.txt_mlp(torch.addcmul(cm2.shift, block.txt_norm2(c), 1 + cm2.scale))
-    return maps
+    """ConceptAttention recomputed from the blocks' real inputs with plain torch ops
+    (flux_family.reference_maps: Flux.1's blocks make their modulation from ``vec``; the concepts'
+    with the pooled vector ``y`` swapped for a zero one)."""
+    return FF.reference_maps(dm, inputs, rows, embeds, pooled=y)
 
 
 def test_flux_conceptattention_matches_a_step_by_step_recomputation(lab, sal, demo, flux):
