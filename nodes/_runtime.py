@@ -14,6 +14,7 @@ exists in both, or is feature-detected.
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -171,9 +172,112 @@ def diffusion_key(param_name: str) -> str:
 # --------------------------------------------------------------------------------------------
 # gradients through inference tensors
 # --------------------------------------------------------------------------------------------
-def load_for_compute(*models) -> None:
-    """Have ComfyUI place the models on their compute device (weights patched as configured)."""
-    comfy.model_management.load_models_gpu(list(models))
+def load_for_compute(*models, memory_required: float = 0, patched_weights: bool = False) -> None:
+    """Have ComfyUI place the models on their compute device (weights patched as configured).
+
+    ``memory_required``: bytes the node's work needs above the weights (``kernels/memory.py``);
+    ComfyUI offloads other models to make room for it, and loads a model only partially (its
+    lowvram mode: weights cast to the device layer by layer) when it cannot fit otherwise.
+
+    ``patched_weights``: the caller reads or trains the module's weight tensors themselves
+    (Extract's K/V aliases, the fingerprint). A partially loaded model keeps the layers it left
+    on the offload device *unpatched* and applies its patches (a LoRA, Apply's shut neurons) at
+    each forward; for such a model ComfyUI is asked again with ``force_patch_weights`` (0.3.x),
+    which patches those weights in place on the offload device (ComfyUI keeps backups), so the
+    tensors hold what the model computes with. See docs/memory.md."""
+    mm = comfy.model_management
+    models = list(models)
+    if hasattr(memory_required, "total"):           # a kernels.memory.Estimate
+        _OOM_STATE.estimate = memory_required.describe()
+        memory_required = memory_required.total
+    need = int(max(0, memory_required))
+    mm.load_models_gpu(models, memory_required=need)
+    if patched_weights and any(lowvram_patched(m) for m in models):
+        import inspect
+        if "force_patch_weights" in inspect.signature(mm.load_models_gpu).parameters:
+            mm.load_models_gpu(models, memory_required=need, force_patch_weights=True)
+
+
+#: The last estimate load_for_compute passed on this thread (for the out-of-memory message).
+_OOM_STATE = threading.local()
+
+
+def compute_dtype(base) -> torch.dtype:
+    """The dtype a ComfyUI BaseModel computes in (for memory estimates): its inference dtype
+    (0.3.x), else its manual cast dtype, else its weights' dtype."""
+    fn = getattr(base, "get_dtype_inference", None)
+    candidates = []
+    if fn is not None:
+        try:
+            candidates.append(fn())
+        except Exception:  # noqa: BLE001
+            pass
+    candidates.append(getattr(base, "manual_cast_dtype", None))
+    try:
+        candidates.append(base.get_dtype())
+    except Exception:  # noqa: BLE001
+        pass
+    candidates.append(next((p.dtype for p in base.parameters() if p.is_floating_point()), None))
+    return next((d for d in candidates if isinstance(d, torch.dtype)), torch.float32)
+
+
+def lowvram_patched(model) -> bool:
+    """Whether a loaded MODEL has layers whose patches ComfyUI applies at forward time (layers
+    of a partially loaded model that carry weight patches)."""
+    base = getattr(model, "model", None)
+    if not isinstance(base, torch.nn.Module):
+        return False
+    for m in base.modules():
+        for attr in ("weight_function", "bias_function"):
+            fns = getattr(m, attr, None)
+            if fns is None:
+                continue
+            fns = fns if isinstance(fns, (list, tuple)) else [fns]
+            if any(getattr(f, "is_lowvram_patch", False) or type(f).__name__ == "LowVramPatch" for f in fns):
+                return True
+    return False
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """Whether ``e`` is torch running out of memory: ComfyUI's own test where it has one
+    (``model_management.is_oom``, 0.3.x), else ``OOM_EXCEPTION`` / ``torch.OutOfMemoryError``, or
+    the CPU allocator's "can't allocate memory"."""
+    mm = comfy.model_management
+    is_oom = getattr(mm, "is_oom", None)
+    if is_oom is not None:
+        try:
+            if is_oom(e):
+                return True
+        except Exception:  # noqa: BLE001
+            pass
+    kinds = tuple(k for k in (getattr(torch, "OutOfMemoryError", None), getattr(mm, "OOM_EXCEPTION", None))
+                  if isinstance(k, type) and k is not Exception)
+    if kinds and isinstance(e, kinds):
+        return True
+    text = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+@contextlib.contextmanager
+def out_of_memory_as_error(node: str, lower: str) -> Iterator[None]:
+    """Turn torch's out-of-memory error inside the block into a :class:`ConceptLabError` that
+    names the node and the settings to lower (``lower``), and the estimate the node passed to
+    :func:`load_for_compute` inside the block. The node's own ``with`` blocks have restored the
+    model by then (their ``finally``); the allocator's cache is emptied."""
+    _OOM_STATE.estimate = ""
+    try:
+        yield
+    except BaseException as e:
+        if isinstance(e, ConceptLabError) or not is_out_of_memory(e):
+            raise
+        estimate = getattr(_OOM_STATE, "estimate", "")
+        try:
+            comfy.model_management.soft_empty_cache()
+        except Exception:  # noqa: BLE001
+            pass
+        need = f" It estimated {estimate} above the model's weights." if estimate else ""
+        raise fail(node, f"Ran out of memory ({type(e).__name__}).{need} The MODEL is unchanged.",
+                   f"Lower {lower}; or close other models / workflows, or start ComfyUI with --lowvram.") from e
 
 
 @contextlib.contextmanager
@@ -305,3 +409,17 @@ class Progress:
         check_interrupt()
         self.done = min(self.done + n, self.total)
         self._bar.update_absolute(self.done, self.total, preview)
+
+
+def out_of_memory_guard(node: str, lower: str):
+    """Decorator form of :func:`out_of_memory_as_error` for a node's FUNCTION (keeps the
+    signature: ``functools.wraps``)."""
+    import functools
+
+    def deco(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            with out_of_memory_as_error(node, lower):
+                return fn(*args, **kwargs)
+        return run
+    return deco

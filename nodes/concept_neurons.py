@@ -39,11 +39,12 @@ import comfy.utils
 import folder_paths
 
 from ..kernels import concept_neurons as K
+from ..kernels import memory as M
 from ..kernels.fingerprint import combined_digest, tensor_digest
 from ..kernels.layers import concept_kv_layers
 from ._runtime import (
     Progress, clone_model, diffusion_key, fail, family_label, frame_latents, gradients_through,
-    latent_channels, load_for_compute, require_family, vae_frames, vae_ratio)
+    compute_dtype, latent_channels, load_for_compute, out_of_memory_guard, require_family, vae_frames, vae_ratio)
 
 log = logging.getLogger("ConceptLab")
 
@@ -66,6 +67,10 @@ INFO = "ConceptLab Concept Neurons Info"
 #: are refused (like Seed Search's references: a few typical views, and memory bounded).
 MAX_REFERENCES = 10
 GOOD_REFERENCES = 3
+#: What to lower when Extract runs out of memory (named in its error).
+EXTRACT_LOWER = ("the number of reference images, their resolution, prior_images or noise_draws (each gradient "
+                 "runs the model on (images + prior images) x noise draws latents at once), or load the model "
+                 "in bf16 or fp16 (weight_dtype of the model loader)")
 
 MAX_FILE_BYTES = 256 * 1024 * 1024
 MAX_LAYERS = 4096
@@ -174,8 +179,9 @@ def effective_weights(model, layer_names) -> dict:
     """The K/V weights this MODEL computes with (its own patches applied, another clone's not).
 
     ComfyUI shares one module between a MODEL and its clones and patches it in place when a
-    clone is loaded, so the module's tensors are read only after loading this MODEL."""
-    load_for_compute(model)
+    clone is loaded, so the module's tensors are read only after loading this MODEL (with its
+    patches in the tensors also where ComfyUI loaded it only partially)."""
+    load_for_compute(model, patched_weights=True)
     base = model.model
     return {n: comfy.utils.get_attr(base, diffusion_key(n)).detach() for n in layer_names}
 
@@ -604,6 +610,19 @@ def images_to_latents(vae, images: torch.Tensor, base, node: str = EXTRACT) -> t
     return base.process_latent_in(lat.float())
 
 
+def memory_estimate(model, subject, prior, settings: ExtractSettings, layers: dict) -> M.Estimate:
+    """Bytes above the weights for one gradient evaluation (kernels/memory.py; docs/memory.md)."""
+    base = model.model
+    shape = (int(subject.shape[0]) + int(prior.shape[0]), *subject.shape[1:])
+    dm = base.diffusion_model
+    params = dict(dm.named_parameters())
+    numel = sum(math.prod(layers[n]["shape"]) for n in layers)
+    kv_dtype = params[next(iter(layers))].dtype if layers and next(iter(layers)) in params else dtype
+    dtype = compute_dtype(base)
+    factor = float(getattr(base, "memory_usage_factor", 1.0) or 1.0)
+    return M.extract_estimate(shape, dtype, factor, settings.noise_draws, numel, kv_dtype)
+
+
 def run_search(loss: ConceptLoss, layers: dict, settings: ExtractSettings, step=None) -> K.SearchResult:
     """Run the chosen procedure with scores as multiplier gradients (see :class:`ConceptLoss`)."""
     names = sorted(layers)
@@ -652,7 +671,8 @@ def extract(model, clip, vae, images: torch.Tensor, class_prompt: str, settings:
     elif prior_latents is None:
         prior_latents = subject[:0]
     progress.step()
-    load_for_compute(model)
+    load_for_compute(model, memory_required=memory_estimate(model, subject, prior_latents, settings, layers),
+                     patched_weights=True)
     loss = ConceptLoss(model, subject, prior_latents, cond, pooled, settings, layers)
     res = run_search(loss, layers, settings, step=progress.step)
     fp = kv_fingerprint(model, sorted(layers))
@@ -781,6 +801,7 @@ class ConceptLabConceptNeuronsExtract:
                                                      "multiplier moves per iteration."}),
         }, "hidden": {"unique_id": "UNIQUE_ID"}}
 
+    @out_of_memory_guard(EXTRACT, EXTRACT_LOWER)
     def extract(self, model, clip, vae, images, class_prompt, procedure, budget_percent, iterations,
                 prior_weight, prior_images, seed, target_loss_ratio=0.0, include_self_attention=False,
                 noise_draws=4, scale_down_rate=0.1, unique_id=None):

@@ -31,15 +31,23 @@ import comfy.model_management
 import comfy.sample
 import comfy.samplers
 
+from ..kernels import memory as M
 from ..kernels import seed_search as K
 from ..kernels.autograd import activation_snapshots, differentiable_weights
-from ._runtime import (Progress, check_interrupt, fail, frame_latents, gradients_through, interrupt_types,
-                       latent_channels, load_for_compute, require_family, vae_frames, vae_ratio)
+from ._runtime import (Progress, check_interrupt, compute_dtype, fail, frame_latents, gradients_through,
+                       interrupt_types, is_out_of_memory, latent_channels, load_for_compute, out_of_memory_guard, require_family,
+                       vae_frames, vae_ratio)
 
 SEARCH = "ConceptLab Seed Search (optimise)"
 RANK = "ConceptLab Seed Rank (best-of-N)"
 FAMILIES = ("sd1", "sd2", "sdxl", "sd3", "flux", "flux2", "chroma", "qwen_image", "zimage")
 MAX_REFERENCES = 10
+#: What to lower when a node runs out of memory (named in its error).
+SEARCH_LOWER = ("the resolution (the Empty Latent's size), the batch size, search_steps or semantic_steps, the "
+                "CLIP vision model's size (or run without CLIP vision), or load the model in bf16 or fp16 "
+                "(weight_dtype of the model loader)")
+RANK_LOWER = ("batch_size (candidates per model call), the resolution (the Empty Latent's size) or batch, the "
+              "CLIP vision model's size, or load the model in bf16 or fp16 (weight_dtype of the model loader)")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -447,8 +455,53 @@ def _loss_inputs():
     }
 
 
+def vit_shape(clip_vision):
+    """A CLIP vision model's encoder shape for the estimate (kernels.memory.VitShape), or None."""
+    if clip_vision is None:
+        return None
+    try:
+        layers = [m for m in clip_vision.model.modules() if type(m).__name__ == "CLIPLayer"]
+        first = layers[0]
+        width = int(first.layer_norm1.weight.shape[0])
+        mlp = int(first.mlp.fc1.weight.shape[0])
+        patch = next(m.patch_embedding for m in clip_vision.model.modules()
+                     if getattr(m, "patch_embedding", None) is not None)
+        ps = int(patch.kernel_size[0]) if hasattr(patch, "kernel_size") else int(round(math.sqrt(patch.weight.shape[1] / 3)))
+        return M.VitShape(clip_vision_size(clip_vision), ps, len(layers), width, mlp)
+    except Exception:  # noqa: BLE001  (another vision architecture: no term for it)
+        return None
+
+
+def decode_bytes(vae, latent_shape) -> int:
+    """ComfyUI's own estimate of decoding a latent of this shape (``VAE.memory_used_decode``, which
+    is per image: ComfyUI's VAE.decode divides the batch by it), times the batch."""
+    fn = getattr(vae, "memory_used_decode", None)
+    if fn is None:
+        return 0
+    try:
+        one = (1, *tuple(latent_shape)[1:])
+        return int(fn(one, getattr(vae, "vae_dtype", torch.float32))) * int(latent_shape[0])
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+def memory_estimate(model, vae, clip_vision, latent_samples, cfg, search_steps=None, semantic=True):
+    """Bytes above the weights for one Seed Search iteration (``search_steps`` given) or one
+    Seed Rank chunk of ``latent_samples`` (kernels/memory.py; docs/memory.md)."""
+    base = model.model
+    shape = tuple(latent_samples.shape)
+    use_cv = clip_vision is not None and semantic
+    dec = decode_bytes(vae, shape) if use_cv else 0
+    vit = vit_shape(clip_vision) if use_cv else None
+    cv_dtype = getattr(clip_vision, "dtype", None) or torch.float32
+    factor = float(getattr(base, "memory_usage_factor", 1.0) or 1.0)
+    if search_steps is None:
+        return M.seed_rank_estimate(shape, compute_dtype(base), factor, cfg, dec, vit, cv_dtype)
+    return M.seed_search_estimate(shape, compute_dtype(base), factor, cfg, search_steps, dec, vit, cv_dtype)
+
+
 def _prepare(node, model, vae, latent, references, references_2, references_3, clip_vision,
-             semantic_weight, appearance_weight, appearance_target="mean"):
+             semantic_weight, appearance_weight, appearance_target="mean", need=None):
     check_model(node, model, vae)
     latent = check_latent(node, model, latent)
     if semantic_weight <= 0 and appearance_weight <= 0:
@@ -457,16 +510,19 @@ def _prepare(node, model, vae, latent, references, references_2, references_3, c
     h, w = pixel_size(vae, latent["samples"])
     refs = gather_references(node, [("references", references), ("references_2", references_2),
                                     ("references_3", references_3)], h, w)
-    load_for_compute(model)
-    for p in (getattr(vae, "patcher", None), getattr(clip_vision, "patcher", None)):
-        if p is not None:
-            load_for_compute(p)
+    # one call, so that ComfyUI makes room for all three and for the work (``need``: the
+    # kernels.memory estimate of the latent) before the long work starts
+    patchers = [model] + [p for p in (getattr(vae, "patcher", None), getattr(clip_vision, "patcher", None))
+                          if p is not None]
+    load_for_compute(*patchers, memory_required=need(latent) if need is not None else 0)
     try:
         objective = Objective(model, vae, clip_vision, refs, semantic_weight, appearance_weight,
                               appearance_target)
     except interrupt_types():
         raise
     except Exception as e:  # noqa: BLE001  (turn shape errors from the encoders into a clear message)
+        if is_out_of_memory(e):
+            raise
         raise fail(node, f"Encoding the references failed: {e}.",
                    "Check that the VAE (and CLIP vision model) belong to this model.") from e
     return latent, objective
@@ -527,12 +583,15 @@ class ConceptLabSeedSearch:
         req.update(_loss_inputs())
         return {"required": req, "optional": _optional_inputs(), "hidden": {"unique_id": "UNIQUE_ID"}}
 
+    @out_of_memory_guard(SEARCH, SEARCH_LOWER)
     def search(self, model, vae, positive, negative, latent, references, seed, cfg, iterations,
                search_steps, learning_rate, lr_drop_after, norm_regulariser, norm_weight, semantic_steps,
                semantic_weight, appearance_weight, appearance_target="mean", clip_vision=None,
                references_2=None, references_3=None, unique_id=None, patience=3):
         latent, objective = _prepare(SEARCH, model, vae, latent, references, references_2, references_3,
-                                     clip_vision, semantic_weight, appearance_weight, appearance_target)
+                                     clip_vision, semantic_weight, appearance_weight, appearance_target,
+                                     need=lambda lat: memory_estimate(model, vae, clip_vision, lat["samples"], cfg,
+                                                                      search_steps, semantic_weight > 0))
         samples = latent["samples"]
         z0 = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
         sigmas = schedule(model, search_steps)
@@ -582,11 +641,18 @@ class ConceptLabSeedRank:
         req.update(_loss_inputs())
         return {"required": req, "optional": _optional_inputs(), "hidden": {"unique_id": "UNIQUE_ID"}}
 
+    @out_of_memory_guard(RANK, RANK_LOWER)
     def rank(self, model, vae, positive, negative, latent, references, seed, candidates, cfg, batch_size,
              semantic_weight, appearance_weight, appearance_target="mean", clip_vision=None,
              references_2=None, references_3=None, unique_id=None):
+        def chunk_need(lat):     # one chunk: min(candidates, batch_size // batch) latents per call
+            s = lat["samples"]
+            per = min(max(1, batch_size // s.shape[0]), candidates) * s.shape[0]
+            return memory_estimate(model, vae, clip_vision, torch.empty((per, *s.shape[1:]), device="meta"), cfg,
+                                   None, semantic_weight > 0)
         latent, objective = _prepare(RANK, model, vae, latent, references, references_2, references_3,
-                                     clip_vision, semantic_weight, appearance_weight, appearance_target)
+                                     clip_vision, semantic_weight, appearance_weight, appearance_target,
+                                     need=chunk_need)
         samples = latent["samples"]
         b = samples.shape[0]
         seeds = [seed + i for i in range(candidates)]

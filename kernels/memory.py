@@ -1,0 +1,197 @@
+"""Memory estimates for the long nodes, handed to ComfyUI's model management (issue 15).
+
+ComfyUI's ``load_models_gpu(models, memory_required=...)`` frees (offloads) other models until
+the weights plus ``memory_required`` bytes fit, and loads a model only partially (``--lowvram``
+style) when they do not. ``memory_required`` is memory *above the loaded weights*. The functions
+here compute it for Seed Search, Seed Rank and Concept Neurons Extract. They are pure functions
+of shapes, dtypes and settings (no ComfyUI import); the nodes read the shapes off their inputs.
+
+What dominates, and the factors (``docs/memory.md`` says where each comes from):
+
+- A diffusion-model forward. ComfyUI estimates one *inference* forward as
+  ``area * dtype_bytes * 0.01 * memory_usage_factor`` MiB, ``area`` = batch x latent pixels
+  (``comfy.model_base.BaseModel.memory_required`` with SDPA/xformers attention, 0.3.x);
+  ``memory_usage_factor`` is ComfyUI's per-family calibration (SD1.5 1.0, SDXL 0.8, Flux 3.1...).
+  :func:`inference_forward_bytes` is that formula. A forward with autograd keeps every layer's
+  saved inputs until backward: :data:`TRAIN_FORWARD_FACTOR` times the inference figure.
+- Seed Search's backward is checkpointed per sampling step, so one step's activations live at a
+  time, plus the VAE decode with gradients (the decoder checkpointed block by block:
+  :data:`VAE_GRAD_FACTOR` times ComfyUI's own decode estimate ``VAE.memory_used_decode``) and
+  the CLIP vision forward/backward (:func:`transformer_train_bytes`, counted per layer).
+- Extract keeps one forward's activations for backward (batch: images x noise draws) plus the
+  fp32 tensors made per trainable K/V weight (:func:`kv_train_bytes`).
+
+The estimates are meant to be checked against ``python -m benchmarks scale`` (its
+``peak_above_loaded`` figures are the same quantity: peak minus the loaded weights).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+MIB = 1 << 20
+
+#: ComfyUI 0.3.x's inference estimate: MiB per (latent pixel x batch x dtype byte), before the
+#: family's ``memory_usage_factor`` (``BaseModel.memory_required``, SDPA/xformers branch).
+COMFY_MIB_PER_AREA_BYTE = 0.01
+
+#: Activations autograd keeps through one diffusion forward, as a multiple of ComfyUI's
+#: inference estimate for the same batch and size. Measured: bytes saved for backward
+#: (``torch.autograd.graph.saved_tensors_hooks``, weights excluded) in one forward of a
+#: full-size SD1.5 UNet (ComfyUI 0.33's classes, SDPA, fp32, batch 2, 32x32 latent): 779.8 MiB,
+#: 9.5x :func:`inference_forward_bytes` (81.9 MiB); plus 1x for the working memory of the layer
+#: being run (the inference figure itself), rounded up: 11. docs/memory.md.
+TRAIN_FORWARD_FACTOR = 11.0
+
+#: A decode with gradients through a decoder checkpointed block by block, as a multiple of
+#: ComfyUI's inference decode estimate (``VAE.memory_used_decode``): the kept block inputs (about
+#: 0.45x for the SD decoder, counted per stage in docs/memory.md) plus one block recomputed with
+#: its gradients (about 0.45x), rounded up.
+VAE_GRAD_FACTOR = 1.0
+
+#: Per token and layer of a ViT encoder, tensors of the layer width saved for backward (two
+#: layer-norm inputs and outputs, q, k, v, attention output, out-projection input, residual) and
+#: of the MLP width (fc1 output, activation output).
+VIT_WIDTH_TENSORS = 10
+VIT_MLP_TENSORS = 2
+
+#: Per trainable K/V weight element in Extract: the product ``theta * m`` (fp32), the multiplier
+#: leaf, its gradient, and the gradient of the product (4 bytes each), plus a 4-byte fp32 lift
+#: of weights stored in fp16/bf16/fp8.
+KV_FP32_TENSORS = 4
+
+
+def dtype_bytes(dtype) -> int:
+    """Bytes per element of a torch dtype (or of its name: 'float16', 'bf16', ...)."""
+    size = getattr(dtype, "itemsize", None)
+    if isinstance(size, int) and size > 0:
+        return size
+    name = str(dtype).replace("torch.", "")
+    table = {"float32": 4, "fp32": 4, "float": 4, "float16": 2, "fp16": 2, "half": 2, "bfloat16": 2,
+             "bf16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1, "fp8": 1, "float64": 8}
+    if name not in table:
+        raise ValueError(f"unknown dtype {dtype!r}")
+    return table[name]
+
+
+def latent_area(latent_shape: Sequence[int]) -> int:
+    """batch x latent pixels (x frames) of a latent shape (B, C, H, W) or (B, C, T, H, W), as
+    ComfyUI's ``memory_required`` counts it."""
+    shape = [int(s) for s in latent_shape]
+    if len(shape) < 3:
+        raise ValueError(f"not a latent shape: {latent_shape}")
+    return shape[0] * math.prod(shape[2:])
+
+
+def inference_forward_bytes(latent_shape: Sequence[int], dtype, usage_factor: float = 1.0) -> int:
+    """ComfyUI's estimate of one inference forward of the diffusion model on ``latent_shape``
+    (computing in ``dtype``), SDPA/xformers branch of ``BaseModel.memory_required``."""
+    return int(latent_area(latent_shape) * dtype_bytes(dtype) * COMFY_MIB_PER_AREA_BYTE * float(usage_factor) * MIB)
+
+
+def train_forward_bytes(latent_shape: Sequence[int], dtype, usage_factor: float = 1.0) -> int:
+    """Activations one diffusion forward keeps for backward (:data:`TRAIN_FORWARD_FACTOR`)."""
+    return int(TRAIN_FORWARD_FACTOR * inference_forward_bytes(latent_shape, dtype, usage_factor))
+
+
+def call_batch(batch: int, cfg: float) -> int:
+    """Samples per model call inside a sampler: cond and uncond are batched together unless
+    CFG is 1 (ComfyUI skips the uncond then)."""
+    return int(batch) * (1 if math.isclose(float(cfg), 1.0) else 2)
+
+
+@dataclass(frozen=True)
+class VitShape:
+    """A ViT encoder (CLIP vision): input size, patch size, layers, width, MLP width."""
+    image_size: int
+    patch_size: int
+    layers: int
+    width: int
+    mlp: int
+    class_token: bool = True
+
+    @property
+    def tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2 + (1 if self.class_token else 0)
+
+
+def transformer_train_bytes(vit: VitShape, batch: int, dtype) -> int:
+    """Activations a ViT keeps for backward through ``batch`` images (SDPA attention: no
+    tokens x tokens matrices kept), plus its input image at full precision."""
+    per_token = VIT_WIDTH_TENSORS * vit.width + VIT_MLP_TENSORS * vit.mlp
+    pixels = 3 * vit.image_size ** 2 * 4
+    return int(batch * (vit.tokens * vit.layers * per_token * dtype_bytes(dtype) + pixels))
+
+
+def transformer_inference_bytes(vit: VitShape, batch: int, dtype) -> int:
+    """A ViT forward without gradients: a few layer-wide buffers at a time."""
+    per_token = 4 * vit.width + 2 * vit.mlp
+    return int(batch * vit.tokens * per_token * dtype_bytes(dtype))
+
+
+def kv_train_bytes(kv_numel: int, weight_dtype) -> int:
+    """The fp32 tensors Extract makes per trainable K/V weight (:data:`KV_FP32_TENSORS`, plus a
+    lift to fp32 of weights stored narrower)."""
+    lift = 4 if dtype_bytes(weight_dtype) < 4 else 0
+    return int(kv_numel) * (4 * KV_FP32_TENSORS + lift)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Bytes above the loaded weights, by part; ``total`` is what ComfyUI is asked for."""
+    parts: tuple  # ((name, bytes), ...)
+
+    @property
+    def total(self) -> int:
+        return int(sum(b for _, b in self.parts))
+
+    def as_dict(self) -> dict:
+        return dict(self.parts)
+
+    def describe(self) -> str:
+        return ", ".join(f"{n} {b / MIB:.0f} MiB" for n, b in self.parts) + f" (total {self.total / MIB:.0f} MiB)"
+
+
+def seed_search_estimate(latent_shape: Sequence[int], model_dtype, usage_factor: float, cfg: float,
+                         search_steps: int, decode_bytes: int = 0, vit: VitShape | None = None,
+                         vit_dtype=None) -> Estimate:
+    """One Seed Search iteration (step-level checkpointing): one step's diffusion activations
+    with autograd on the CFG batch, the per-step latents the checkpointing keeps, the VAE decode
+    with gradients (``decode_bytes``: ComfyUI's ``VAE.memory_used_decode`` for the latent; 0
+    without CLIP vision: the semantic loss then reads latents) and CLIP vision's forward/backward."""
+    b = int(latent_shape[0])
+    shape = (call_batch(b, cfg), *latent_shape[1:])
+    latent = math.prod(int(s) for s in latent_shape) * 4
+    parts = [("diffusion step with autograd", train_forward_bytes(shape, model_dtype, usage_factor)),
+             ("checkpointed step latents", latent * (int(search_steps) + 3))]
+    if decode_bytes:
+        parts.append(("VAE decode with gradients", int(VAE_GRAD_FACTOR * decode_bytes)))
+    if vit is not None:
+        parts.append(("CLIP vision with gradients", transformer_train_bytes(vit, b, vit_dtype or "float32")))
+    return Estimate(tuple(parts))
+
+
+def seed_rank_estimate(latent_shape: Sequence[int], model_dtype, usage_factor: float, cfg: float,
+                       decode_bytes: int = 0, vit: VitShape | None = None, vit_dtype=None) -> Estimate:
+    """One Seed Rank chunk (no gradients): one inference forward on the chunk's CFG batch, the
+    decode of the chunk and CLIP vision's forward. ``latent_shape``: the chunk's latent."""
+    b = int(latent_shape[0])
+    shape = (call_batch(b, cfg), *latent_shape[1:])
+    parts = [("diffusion forward", inference_forward_bytes(shape, model_dtype, usage_factor))]
+    if decode_bytes:
+        parts.append(("VAE decode", int(decode_bytes)))
+    if vit is not None:
+        parts.append(("CLIP vision", transformer_inference_bytes(vit, b, vit_dtype or "float32")))
+    return Estimate(tuple(parts))
+
+
+def extract_estimate(latent_shape: Sequence[int], model_dtype, usage_factor: float, noise_draws: int,
+                     kv_numel: int, kv_dtype=None) -> Estimate:
+    """One Extract gradient evaluation: a forward with autograd on (images + prior images) x
+    noise draws latents (``latent_shape``: one latent per image, batch = images + prior images)
+    and the fp32 tensors of the trainable K/V weights."""
+    b = int(latent_shape[0]) * int(noise_draws)
+    shape = (b, *latent_shape[1:])
+    return Estimate((("diffusion forward with autograd", train_forward_bytes(shape, model_dtype, usage_factor)),
+                     ("fp32 K/V weights, multipliers and gradients", kv_train_bytes(kv_numel, kv_dtype or model_dtype))))
