@@ -95,6 +95,11 @@ def model_from_config(config_class: str, unet_config: dict, scale: float = 0.05,
     with torch.inference_mode():
         base = mc.get_model({})
     seeded_(base.diffusion_model, scale, seed)
+    with torch.inference_mode():   # MMDiT's pos_embed is a buffer made with torch.empty (checkpoints fill it)
+        g = torch.Generator().manual_seed(seed + 1)
+        for name, b in base.diffusion_model.named_buffers():
+            if name.endswith("pos_embed"):
+                b.copy_(torch.randn(b.shape, generator=g) * scale)
     return patcher(base)
 
 
