@@ -93,7 +93,11 @@ def model_from_config(config_class: str, unet_config: dict, scale: float = 0.05,
         raise Unavailable(f"ComfyUI {cr.comfy_version()} has no supported_models.{config_class}")
     mc = getattr(sm, config_class)(dict(unet_config))
     with torch.inference_mode():
-        base = mc.get_model({})
+        try:
+            base = mc.get_model({})
+        except TypeError as e:          # an older ComfyUI's model class takes other parameters
+            raise Unavailable(f"ComfyUI {cr.comfy_version()}'s {config_class} model takes other "
+                              f"parameters than this tiny model's ({e})") from e
     seeded_(base.diffusion_model, scale, seed)
     with torch.inference_mode():   # MMDiT's pos_embed is a buffer made with torch.empty (checkpoints fill it)
         g = torch.Generator().manual_seed(seed + 1)

@@ -67,7 +67,12 @@ def loaded(L, sources):
         if isinstance(src, str):
             skip_old_only(f"{family} needs Flux classes, which this ComfyUI lacks ({src})")
         if (family, precision) not in cache:
-            model = L.load(src[0], precision)
+            try:
+                model = L.load(src[0], precision)
+            except ValueError as e:   # 0.3.75's Flux detection fixes 24 heads (3072 wide): no tiny Flux
+                if family != "flux" or "num_heads" not in str(e):
+                    raise
+                skip_old_only(f"this ComfyUI's Flux detection cannot load a tiny Flux ({e}); 0.33's can")
             assert L.weight_dtypes(model) == {L.PRECISIONS[precision]}
             cache[family, precision] = (model, src[1], src[2])
         return cache[family, precision]
@@ -89,6 +94,13 @@ def test_loaded_through_comfyui_detection(lab, L, loaded, family, precision):
     assert L.weight_dtypes(model) == {L.PRECISIONS[precision]}
 
 
+def _rerounds_fp8_patches(lab) -> bool:
+    """Whether this ComfyUI moves unpatched entries of a patched fp8 weight (0.3.75 does; 0.33 not)."""
+    import re
+    m = re.match(r"(\d+)\.(\d+)", str(lab.version))
+    return m is not None and (int(m.group(1)), int(m.group(2))) < (0, 33)
+
+
 @params
 def test_concept_neurons_extract_and_apply(lab, cn, loaded, family, precision):
     model, clip, vae = loaded(family, precision)
@@ -104,8 +116,9 @@ def test_concept_neurons_extract_and_apply(lab, cn, loaded, family, precision):
     # Apply at strength 1: exactly the concept's K/V weights become 0, every other weight is unchanged
     import comfy.model_management as mm
 
-    def weights(m):
-        mm.load_models_gpu([m])
+    def weights(m):   # as ComfyUI loads a model to sample: under inference mode
+        with torch.inference_mode():
+            mm.load_models_gpu([m])
         return {n: p.detach().to("cpu", copy=True) for n, p in m.model.diffusion_model.named_parameters()}
     before = weights(model)
     with torch.inference_mode():
@@ -122,7 +135,14 @@ def test_concept_neurons_extract_and_apply(lab, cn, loaded, family, precision):
         assert bool((w[idx] == 0).all()) and bool((w0[idx] != 0).any())
         keep = torch.ones_like(w, dtype=torch.bool)
         keep[idx] = False
-        assert torch.equal(w[keep], w0[keep])
+        if precision.startswith("fp8") and _rerounds_fp8_patches(lab):
+            # ComfyUI 0.3.x before 0.33 re-rounds a whole patched fp8 weight stochastically
+            # (comfy/float.py): the other weights may move, at most to a neighbouring fp8 value
+            e5m2 = precision == "fp8_e5m2"     # (mantissa bits, the smallest subnormal step)
+            step = (w0[keep].abs() * 2.0 ** -(2 if e5m2 else 3)).clamp_min(2.0 ** (-16 if e5m2 else -9))
+            assert bool(((w[keep] - w0[keep]).abs() <= step).all())
+        else:
+            assert torch.equal(w[keep], w0[keep])
     _unload()
     guard.check(f"Concept Neurons Apply ({precision}, after loading the clone)")
 
