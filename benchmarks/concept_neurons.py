@@ -27,7 +27,6 @@ Protocol (one run, everything seeded):
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 import time
 from pathlib import Path

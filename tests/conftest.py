@@ -282,3 +282,19 @@ def interrupt_at_progress(lab, value: int):
     finally:
         mm.interrupt_current_processing(False)
         comfy.utils.set_progress_bar_global_hook(old)
+
+
+# the pack's node modules, one fixture each
+@pytest.fixture(scope="session")
+def cn(lab):
+    return cr.pack_module("nodes.concept_neurons")
+
+
+@pytest.fixture(scope="session")
+def ss(lab):
+    return cr.pack_module("nodes.seed_search")
+
+
+@pytest.fixture(scope="session")
+def sal(lab):
+    return cr.pack_module("nodes.saliency")

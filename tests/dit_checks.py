@@ -10,25 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flux_family import capture, encode, module, sample
+from flux_family import capture, encode, sample
 
 H, W = 8, 12                     # flux_family.sample's latent (non-square): 4 x 6 image tokens
-
-
-# the pack's node modules, as fixtures (import them into the test module)
-@pytest.fixture(scope="module")
-def sal(lab):
-    return module(lab, "nodes.saliency")
-
-
-@pytest.fixture(scope="module")
-def ss(lab):
-    return module(lab, "nodes.seed_search")
-
-
-@pytest.fixture(scope="module")
-def cn(lab):
-    return module(lab, "nodes.concept_neurons")
 
 
 def check_capture_bit_identical(lab, sal, tiny, layers: list, note: str):

@@ -23,7 +23,7 @@ import tempfile
 
 import torch
 
-from . import demo, patcher
+from . import demo
 
 #: UNETLoader's weight_dtype names (plus the fp32 baseline and fp16/bf16) -> torch dtype.
 PRECISIONS = {

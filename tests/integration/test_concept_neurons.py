@@ -12,12 +12,6 @@ from conftest import interrupt_at_progress, tiny_unet
 
 
 @pytest.fixture(scope="module")
-def cn(lab):
-    import importlib
-    return importlib.import_module(f"{lab.pack.__name__}.nodes.concept_neurons")
-
-
-@pytest.fixture(scope="module")
 def unet(lab):
     with torch.inference_mode():
         model, clip, vae, _ = lab.demo.build_demo_model("digits_unet")

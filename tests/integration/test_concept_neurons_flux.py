@@ -15,12 +15,6 @@ TXT_QKV = "txt_attn.qkv.weight"
 
 
 @pytest.fixture(scope="module")
-def cn(lab):
-    import importlib
-    return importlib.import_module(f"{lab.pack.__name__}.nodes.concept_neurons")
-
-
-@pytest.fixture(scope="module")
 def parts(lab):
     """(tiny Flux MODEL, demo CLIP, demo 4-channel VAE, a 16-channel VAE)."""
     model = tiny_flux(lab)  # skips on a ComfyUI without Flux

@@ -19,7 +19,6 @@ import pytest
 import torch
 
 import flux_family as FF
-from dit_checks import cn, sal  # noqa: F401  (fixtures)
 from conftest import subject_images
 
 

@@ -20,9 +20,8 @@ import torch.nn.functional as F
 
 from conftest import (check_apply, check_cross_family, check_save_load, extract_concept, extract_settings,
                       skip_old_only, subject_images)
-from dit_checks import (  # noqa: F401  (cn, sal, ss: fixtures)
-    H, W, check_capture_bit_identical, check_maps_equal, check_search_and_rank, cn, prompt_rows, recorded_run,
-    sal, ss)
+from dit_checks import (
+    H, W, check_capture_bit_identical, check_maps_equal, check_search_and_rank, prompt_rows, recorded_run)
 from flux_family import PROMPT, build, capture, detected_config, encode
 
 

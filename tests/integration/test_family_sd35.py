@@ -20,9 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import check_apply, extract_concept, subject_images
-from dit_checks import (  # noqa: F401  (cn, sal, ss: fixtures)
-    check_capture_bit_identical, check_maps_equal, check_search_and_rank, cn, prompt_rows, recorded_run, sal,
-    ss)
+from dit_checks import (
+    check_capture_bit_identical, check_maps_equal, check_search_and_rank, prompt_rows, recorded_run)
 from flux_family import PROMPT, build, call, detected_config, encode
 
 

@@ -28,21 +28,6 @@ def L(lab):
 
 
 @pytest.fixture(scope="module")
-def cn(lab):
-    return importlib.import_module(f"{lab.pack.__name__}.nodes.concept_neurons")
-
-
-@pytest.fixture(scope="module")
-def ss(lab):
-    return importlib.import_module(f"{lab.pack.__name__}.nodes.seed_search")
-
-
-@pytest.fixture(scope="module")
-def sal(lab):
-    return importlib.import_module(f"{lab.pack.__name__}.nodes.saliency")
-
-
-@pytest.fixture(scope="module")
 def sources(lab, L):
     """Per family, built once: (state dict, CLIP, VAE), or the reason this ComfyUI lacks it."""
     tiny = importlib.import_module("benchmarks.tiny")

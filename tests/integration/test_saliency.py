@@ -3,7 +3,6 @@
 DAAM (UNet) must put each digit word where the judge finds that digit; ConceptAttention (DiT)
 must leave the image bit for bit unchanged. Both: the incoming MODEL untouched, memory fixed in
 the number of steps, CFG and batches routed, clear errors."""
-import importlib
 
 import numpy as np
 import pytest
@@ -12,11 +11,6 @@ import torch
 from conftest import needs_modern
 
 PROMPT = "a red seven on the left and a blue two on the right"
-
-
-@pytest.fixture(scope="module")
-def sal(lab):
-    return importlib.import_module(f"{lab.pack.__name__}.nodes.saliency")
 
 
 def _sample(lab, model, clip, vae, prompt=PROMPT, n=2, steps=12, seed=1234, cfg=3.0):

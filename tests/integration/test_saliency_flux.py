@@ -20,11 +20,6 @@ WORDS = ["seven", "two", "red"]
 
 
 @pytest.fixture(scope="module")
-def sal(lab):
-    return importlib.import_module(f"{lab.pack.__name__}.nodes.saliency")
-
-
-@pytest.fixture(scope="module")
 def flux(lab):
     return tiny_flux(lab, scale=0.15)
 

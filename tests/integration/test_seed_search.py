@@ -13,11 +13,6 @@ import torch
 from conftest import needs_modern, tiny_unet
 
 
-@pytest.fixture(scope="module")
-def ss(lab):
-    return importlib.import_module(f"{lab.pack.__name__}.nodes.seed_search")
-
-
 def _refs(cls=8, n=3, colour="white"):
     from benchmarks.world import scenes as S
     cfg = S.WorldConfig()

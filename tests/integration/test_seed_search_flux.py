@@ -10,7 +10,6 @@ stock SamplerCustomAdvanced; Seed Rank's best seed reproduces its score with a s
 references are encoded to the VAE's own latents (Flux.2's: batch-normed 2x2 patches); the
 incoming MODEL stays bit-identical. Skips (saying what is missing) on a ComfyUI without the
 family (the 2024 snapshot)."""
-import importlib
 
 import numpy as np
 import pytest
@@ -21,11 +20,6 @@ import flux_family as FF
 FAMILIES = ["flux", "flux2", "chroma"]
 #: (latent channels, VAE downscale) of each family's latents
 LATENT = {"flux": (16, 8), "flux2": (128, 16), "chroma": (16, 8)}
-
-
-@pytest.fixture(scope="module")
-def ss(lab):
-    return importlib.import_module(f"{lab.pack.__name__}.nodes.seed_search")
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
