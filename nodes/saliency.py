@@ -118,6 +118,23 @@ def _word_ids(clip, word: str) -> list:
 # ---------------------------------------------------------------------------------------------
 # the recording
 # ---------------------------------------------------------------------------------------------
+_TOLD: dict = {}
+
+
+def reference_tokens_told(diffusion_model) -> bool:
+    """Whether this ComfyUI tells the blocks how many tokens reference images (ReferenceLatent)
+    append to the image's (``transformer_options['reference_image_num_tokens']``, ComfyUI 0.33).
+    Without it a capture cannot tell the sampled image's tokens from a reference's."""
+    name = type(diffusion_model).__module__
+    if name not in _TOLD:
+        import sys
+        try:
+            _TOLD[name] = "reference_image_num_tokens" in inspect.getsource(sys.modules[name])
+        except (OSError, TypeError, KeyError):
+            _TOLD[name] = False
+    return _TOLD[name]
+
+
 @dataclass
 class SaliencyRecording:
     """What the capture patches write while sampling, read by ConceptLab Saliency Maps."""
@@ -151,6 +168,7 @@ class SaliencyRecording:
     _concepts: Optional[torch.Tensor] = None
     _concept_vec: Optional[torch.Tensor] = None
     _y: Optional[torch.Tensor] = None
+    reference_tokens_told: bool = True  # DiT: ComfyUI says how many tokens reference images add
 
     # ---- run / call bookkeeping -------------------------------------------------------------
     def begin_call(self, x: torch.Tensor, sigma: torch.Tensor, cond_or_uncond, c: dict) -> None:
@@ -172,6 +190,11 @@ class SaliencyRecording:
         self._concepts = None
         self._concept_vec = None
         self._y = c.get("y") if isinstance(c, dict) else None
+        if self._active and not self.reference_tokens_told and isinstance(c, dict) and c.get("ref_latents"):
+            raise fail(CAPTURE, "The positive carries a reference image (ReferenceLatent: Flux Kontext, Flux.2 "
+                       "or Qwen-Image editing), and this ComfyUI does not tell custom nodes how many tokens "
+                       "it adds to the image's, so the maps cannot be placed on the image.",
+                       "Update ComfyUI to 0.33 or newer, or sample without ReferenceLatent while capturing.")
 
     def end_call(self) -> None:
         self._active = False
@@ -658,7 +681,8 @@ class ConceptLabSaliencyCapture:
                        f"model's text input has {ctx_in}.",
                        "Connect the CLIP that belongs to this model.")
         rec = SaliencyRecording(words=words, method=method, family=fam, layers=chosen,
-                                sigma_hi=hi, sigma_lo=lo, concept_embeds=embeds)
+                                sigma_hi=hi, sigma_lo=lo, concept_embeds=embeds,
+                                reference_tokens_told=reference_tokens_told(dm))
         for i in range(max(chosen) + 1):      # concepts must pass every block up to the last read
             stream.hook(m, i, lambda prev, i=i: _ConceptAttentionBlock(rec, stream, i, i in chosen, prev))
         return rec
