@@ -182,20 +182,21 @@ def load_for_compute(*models, memory_required: float = 0, patched_weights: bool 
     ``patched_weights``: the caller reads or trains the module's weight tensors themselves
     (Extract's K/V aliases, the fingerprint). A partially loaded model keeps the layers it left
     on the offload device *unpatched* and applies its patches (a LoRA, Apply's shut neurons) at
-    each forward; for such a model ComfyUI is asked again with ``force_patch_weights`` (0.3.x),
-    which patches those weights in place on the offload device (ComfyUI keeps backups), so the
-    tensors hold what the model computes with. See docs/memory.md."""
+    each forward; ComfyUI is therefore asked with ``force_patch_weights`` (0.3.x), which patches
+    those weights in place on the offload device (ComfyUI keeps backups), so the tensors hold what
+    the model computes with. It changes nothing for layers loaded whole. See docs/memory.md."""
     mm = comfy.model_management
     models = list(models)
     if hasattr(memory_required, "total"):           # a kernels.memory.Estimate
         _OOM_STATE.estimate = memory_required.describe()
         memory_required = memory_required.total
     need = int(max(0, memory_required))
-    mm.load_models_gpu(models, memory_required=need)
-    if patched_weights and any(lowvram_patched(m) for m in models):
+    extra = {}
+    if patched_weights:
         import inspect
         if "force_patch_weights" in inspect.signature(mm.load_models_gpu).parameters:
-            mm.load_models_gpu(models, memory_required=need, force_patch_weights=True)
+            extra["force_patch_weights"] = True
+    mm.load_models_gpu(models, memory_required=need, **extra)
 
 
 #: The last estimate load_for_compute passed on this thread (for the out-of-memory message).

@@ -617,8 +617,8 @@ def memory_estimate(model, subject, prior, settings: ExtractSettings, layers: di
     dm = base.diffusion_model
     params = dict(dm.named_parameters())
     numel = sum(math.prod(layers[n]["shape"]) for n in layers)
-    kv_dtype = params[next(iter(layers))].dtype if layers and next(iter(layers)) in params else dtype
     dtype = compute_dtype(base)
+    kv_dtype = params[next(iter(layers))].dtype if layers and next(iter(layers)) in params else dtype
     factor = float(getattr(base, "memory_usage_factor", 1.0) or 1.0)
     return M.extract_estimate(shape, dtype, factor, settings.noise_draws, numel, kv_dtype)
 

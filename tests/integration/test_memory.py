@@ -15,16 +15,6 @@ from conftest import extract_settings, subject_images
 
 
 @pytest.fixture(scope="module")
-def ss(lab):
-    return importlib.import_module(f"{lab.pack.__name__}.nodes.seed_search")
-
-
-@pytest.fixture(scope="module")
-def cn(lab):
-    return importlib.import_module(f"{lab.pack.__name__}.nodes.concept_neurons")
-
-
-@pytest.fixture(scope="module")
 def M(lab):
     return importlib.import_module(f"{lab.pack.__name__}.kernels.memory")
 
@@ -122,6 +112,13 @@ def test_extract_passes_its_estimate(lab, cn, M, demo, recorded):
     more = M.extract_estimate((6, 4, 8, 8), torch.float32, 1.0, 2, kv, torch.float32).total
     draws = M.extract_estimate(lat, torch.float32, 1.0, 4, kv, torch.float32).total
     assert more > want.total and draws > want.total
+    # Extract reads the weight tensors themselves: on a ComfyUI that has the flag, it asks in the
+    # same (single) call for patches to be written into layers a partial load would leave unpatched
+    import inspect
+    import comfy.model_management as mm
+    ours = [kw for ms, a, kw in recorded if demo.model in ms and kw.get("memory_required")]
+    if "force_patch_weights" in inspect.signature(mm.load_models_gpu).parameters:
+        assert [kw.get("force_patch_weights") for kw in ours] == [True]
 
 
 # ------------------------------------------------------------------------------------------
