@@ -154,15 +154,24 @@ def activation_snapshots(weights: Iterable[torch.Tensor] = (), view: WeightView 
     modified in place ("modified by an inplace operation"). Inside this block every saved
     activation is saved as a snapshot taken at save time: one clone per (tensor, version), held
     through weak references so the cache never keeps a graph alive. Tensors sharing storage with
-    ``weights`` are saved by reference (they must not be written in place). Snapshot bytes are
-    added to ``view.snapshot_bytes`` when a view is given.
+    ``weights`` are saved by reference (they must not be written in place), and so are casts of
+    them (tensors outside autograd with a weight's shape: what manual-cast ops make of fp8, fp16
+    or bf16 weights on each call), with a check at backward that they were not written since.
+    Snapshot bytes are added to ``view.snapshot_bytes`` when a view is given.
     """
+    weights = list(weights)
     keep = {w.untyped_storage().data_ptr() for w in weights}
+    weight_shapes = {tuple(w.shape) for w in weights if w.dim() >= 2}
     cache: dict[tuple, tuple] = {}
 
     def pack(t: torch.Tensor):
         if t.untyped_storage().data_ptr() in keep:
             return t
+        if not t.requires_grad and t.grad_fn is None and tuple(t.shape) in weight_shapes:
+            # A weight cast (manual-cast ops: fp8/fp16/bf16 weights cast to the compute dtype for
+            # each call). Cloning it would keep a second copy of the weight; save it by reference
+            # and check at backward that nothing wrote to it meanwhile.
+            return _ByReference(t, t._version)
         key = (id(t), t._version)
         hit = cache.get(key)
         if hit is not None and hit[0]() is t:
@@ -176,5 +185,24 @@ def activation_snapshots(weights: Iterable[torch.Tensor] = (), view: WeightView 
         cache[key] = (weakref.ref(t, drop), weakref.ref(snap, drop))
         return snap
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
         yield
+
+
+class _ByReference:
+    """A saved tensor kept by reference, with its version at save time."""
+    __slots__ = ("tensor", "version")
+
+    def __init__(self, tensor: torch.Tensor, version: int):
+        self.tensor, self.version = tensor, version
+
+
+def _unpack(saved):
+    if isinstance(saved, _ByReference):
+        if saved.tensor._version != saved.version:
+            raise RuntimeError(
+                "activation_snapshots: a tensor saved by reference as a weight cast was modified "
+                "in place before backward; its gradient would be wrong. This is a bug in the pack "
+                "(kernels/autograd.py): the tensor should have been snapshotted.")
+        return saved.tensor
+    return saved

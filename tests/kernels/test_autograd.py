@@ -129,3 +129,55 @@ def test_in_place_activation_updates_differentiate_correctly(K):
     y = ref.proj(xr) + xr
     (y + ref.norm(y)).pow(2).sum().backward()
     assert torch.allclose(g, ref.proj.weight.grad, atol=1e-6) and torch.allclose(x.grad, xr.grad, atol=1e-6)
+
+
+class _CastLinear(torch.nn.Module):
+    """What ComfyUI's manual-cast ops do: a low-precision weight cast to the compute dtype per call."""
+
+    def __init__(self, n, dtype):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(n, n).to(dtype), requires_grad=False)
+
+    def forward(self, x):
+        return x @ self.weight.to(x.dtype).t()
+
+
+class _CastBlock(torch.nn.Module):
+    def __init__(self, n=16, dtype=torch.bfloat16):
+        super().__init__()
+        self.a, self.b = _CastLinear(n, dtype), _CastLinear(n, dtype)
+
+    def forward(self, x):
+        h = self.a(x)
+        h += torch.tanh(h)  # an in-place update of a saved activation
+        return self.b(torch.tanh(h))
+
+
+def test_weight_casts_are_saved_by_reference_not_cloned(K):
+    with torch.inference_mode():
+        torch.manual_seed(2)
+        m = _CastBlock()
+    x = torch.randn(4, 16, requires_grad=True)
+    with K.autograd.differentiable_weights(m) as view:
+        m(x).pow(2).sum().backward()
+    # reference without any hook, on plain fp32 copies of the bf16 weights
+    wa, wb = (w.detach().clone().float() for w in (m.a.weight, m.b.weight))
+    xr = x.detach().clone().requires_grad_(True)
+    h = xr @ wa.t()
+    h = h + torch.tanh(h)
+    (torch.tanh(h) @ wb.t()).pow(2).sum().backward()
+    assert torch.allclose(x.grad, xr.grad, atol=1e-5)
+    # only activations were snapshotted: none of the two fp32 weight casts (16x16x4 bytes each)
+    activations = 4 * 16 * 4
+    assert 0 < view.snapshot_bytes <= 4 * activations, view.snapshot_bytes
+
+
+def test_a_weight_shaped_tensor_written_after_saving_is_refused(K):
+    w = torch.randn(8, 8)
+    x = torch.randn(8, 8, requires_grad=True)
+    with K.autograd.activation_snapshots([w]):
+        c = w.t().contiguous().t() * 1.0  # weight-shaped, outside autograd: saved by reference
+        y = (x @ c).sum()
+        c.mul_(2)
+    with pytest.raises(RuntimeError, match="modified in place before backward"):
+        y.backward()
