@@ -108,20 +108,36 @@ def daam_token_maps(q: torch.Tensor, k: torch.Tensor, heads: int,
     b, n, inner = q.shape
     t = k.shape[1]
     d = inner // heads
-    qh = (q.to(torch.float32) * d ** -0.5).reshape(b, n, heads, d).transpose(1, 2)
-    kh = k.to(torch.float32).reshape(b, t, heads, d).transpose(1, 2)
-    probs = torch.softmax(torch.matmul(qh, kh.transpose(-1, -2)), dim=-1)    # (B, h, N, T)
     if selection is None:
         selection = token_columns(groups, t)
+    words = selection_matrix(selection, t).to(device=q.device)              # (T, G)
+    g = words.shape[1]
+    qh = q.to(torch.float32).reshape(b, n, heads, d).transpose(1, 2)
+    kh = k.to(torch.float32).reshape(b, t, heads, d).transpose(1, 2)
+    if g <= d:
+        # The probability mass on each word is the attention output for values that are the
+        # words' 0/1 indicator columns: one fused attention call (torch SDPA), so the (N x T)
+        # probabilities are never written out. Same softmax, same 1/sqrt(d) scale.
+        values = torch.zeros(t, d, device=q.device)
+        values[:, :g] = words
+        out = torch.nn.functional.scaled_dot_product_attention(qh, kh, values.expand(b, heads, t, d))
+        return out[..., :g].sum(dim=1)                                         # (B, N, G)
+    probs = torch.softmax(torch.matmul(qh, kh.transpose(-1, -2) * d ** -0.5), dim=-1)   # (B, h, N, T)
+    return probs.sum(dim=1) @ words
+
+
+def selection_matrix(selection, n_tokens: int) -> torch.Tensor:
+    """:func:`token_columns` ``(columns, combine)`` or a :func:`token_selection` matrix, as the
+    (n_tokens, words) 0/1 matrix that sums each word's token probabilities."""
     if isinstance(selection, torch.Tensor):
-        return probs.sum(dim=1) @ selection.to(probs.device)
+        return selection.float()
     cols, combine = selection
-    if cols.device != probs.device:
-        cols = cols.to(probs.device)
-        combine = None if combine is None else combine.to(probs.device)
-    # the words' columns first, then the sum over heads (a few columns, not all T)
-    picked = probs.index_select(-1, cols).sum(dim=1)                         # (B, N, len(cols))
-    return picked if combine is None else picked @ combine
+    cols = cols.cpu()
+    if combine is None:
+        combine = torch.eye(len(cols))
+    out = torch.zeros(n_tokens, combine.shape[1])
+    out[cols] = combine.float().cpu()
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

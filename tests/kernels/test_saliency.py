@@ -31,6 +31,15 @@ def test_daam_maps_are_the_model_softmax_summed_over_heads(S):
     assert torch.allclose(maps[..., 0], probs[..., 1], atol=1e-6)
     assert torch.allclose(maps[..., 1], probs[..., 2] + probs[..., 3], atol=1e-6)
     assert torch.equal(maps[..., 2], torch.zeros(2, 6))
+    # the same through every selection form, and through the explicit path (more words than the
+    # head width: the fused-attention path cannot carry them)
+    for sel in (S.token_columns([[1], [2, 3], []], 5), S.token_selection([[1], [2, 3], []], 5)):
+        assert torch.allclose(S.daam_token_maps(q, k, 2, [[1], [2, 3], []], sel), maps, atol=1e-6)
+    many = [[0], [1], [2], [3], [4]]
+    wide = S.daam_token_maps(q, k, heads=4, groups=many)                  # head width 2 < 5 words
+    qh, kh = q.view(2, 6, 4, 2).transpose(1, 2), k.view(2, 5, 4, 2).transpose(1, 2)
+    ref = torch.softmax(qh @ kh.transpose(-1, -2) / 2 ** 0.5, -1).sum(1)
+    assert torch.allclose(wide, ref, atol=1e-6)
 
 
 def test_concept_attention_is_one_way_and_saliency_is_a_softmax(S):
