@@ -167,10 +167,14 @@ def activation_snapshots(weights: Iterable[torch.Tensor] = (), view: WeightView 
     def pack(t: torch.Tensor):
         if t.untyped_storage().data_ptr() in keep:
             return t
-        if not t.requires_grad and t.grad_fn is None and tuple(t.shape) in weight_shapes:
+        base = t if t._base is None else t._base
+        if (not t.requires_grad and t.grad_fn is None and tuple(base.shape) in weight_shapes
+                and t.numel() == base.numel()):
             # A weight cast (manual-cast ops: fp8/fp16/bf16 weights cast to the compute dtype for
-            # each call). Cloning it would keep a second copy of the weight; save it by reference
-            # and check at backward that nothing wrote to it meanwhile.
+            # each call), or its transpose (what a linear layer saves). Cloning it would keep a
+            # second copy of the weight; save it by reference and check at backward that nothing
+            # wrote to it meanwhile. Views into a larger tensor are still cloned: ComfyUI 0.33
+            # casts offloaded weights into views of a cast buffer that the next layer reuses.
             return _ByReference(t, t._version)
         key = (id(t), t._version)
         hit = cache.get(key)

@@ -139,7 +139,7 @@ class _CastLinear(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.randn(n, n).to(dtype), requires_grad=False)
 
     def forward(self, x):
-        return x @ self.weight.to(x.dtype).t()
+        return torch.nn.functional.linear(x, self.weight.to(x.dtype))
 
 
 class _CastBlock(torch.nn.Module):
@@ -181,3 +181,21 @@ def test_a_weight_shaped_tensor_written_after_saving_is_refused(K):
         c.mul_(2)
     with pytest.raises(RuntimeError, match="modified in place before backward"):
         y.backward()
+
+
+def test_weight_shaped_views_of_a_shared_buffer_are_still_snapshotted(K):
+    """ComfyUI 0.33 casts offloaded weights into views of one cast buffer, reused by the next
+    layer: such a view must be copied when saved, or the next layer's cast would overwrite it."""
+    buffer = torch.empty(2 * 64)
+    w1, w2 = torch.randn(8, 8), torch.randn(8, 8)
+    x = torch.randn(8, 8, requires_grad=True)
+    with K.autograd.activation_snapshots([w1, w2]):
+        c = buffer[:64].view(8, 8)
+        c.copy_(w1)                 # layer 1's cast
+        y = x @ c
+        c.copy_(w2)                 # layer 2 reuses the buffer
+        z = (y @ c).sum()
+    z.backward()
+    xr = x.detach().clone().requires_grad_(True)
+    ((xr @ w1) @ w2).sum().backward()
+    assert torch.allclose(x.grad, xr.grad, atol=1e-5)
