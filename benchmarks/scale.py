@@ -371,6 +371,33 @@ def _seed_inputs(o: dict, kind: str, dtype: torch.dtype, size: int):
     return pos, neg, refs
 
 
+def _estimate(compute, kernel: str):
+    """The node's memory estimate, and the arguments it handed ``kernels.memory.<kernel>`` (as
+    JSON), so that tests can re-evaluate the kernel on these measurements when its factors change."""
+    import dataclasses
+    M = cr.pack_module("kernels.memory")
+    real, seen = getattr(M, kernel), []
+
+    def recording(*a, **k):
+        seen.append((a, k))
+        return real(*a, **k)
+
+    def plain(v):
+        if dataclasses.is_dataclass(v):
+            return {"VitShape": dataclasses.asdict(v)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v if isinstance(v, (int, float, str, type(None))) else str(v).replace("torch.", "")
+
+    setattr(M, kernel, recording)
+    try:
+        est = compute()
+    finally:
+        setattr(M, kernel, real)
+    a, k = seen[-1]
+    return est, {"kernel": kernel, "args": plain(list(a)), "kwargs": {n: plain(v) for n, v in k.items()}}
+
+
 def probe_seed(o: dict) -> dict:
     """One Seed Search iteration: peak memory and time (o: kind, dtype, size, steps)."""
     pack = cr.bootstrap(pytorch_attention=o["attention"] == "pytorch")
@@ -389,11 +416,20 @@ def probe_seed(o: dict) -> dict:
                 norm_regulariser=True, norm_weight=0.1, semantic_steps=1,
                 semantic_weight=1.0 if cv is not None else 0.0, appearance_weight=1.0, appearance_target="mean")
     loaded = rss_mb()
-    with Peak() as p:
+    phases = _PhaseClock({"diffusion forward without gradients": (model.model.diffusion_model, False),
+                          "diffusion forward with gradients (recompute)": (model.model.diffusion_model, True),
+                          "VAE decode forward": (vae.first_stage_model.decoder, None),
+                          "CLIP vision forward": (cv.model if cv is not None else None, None)})
+    est, est_args = _estimate(lambda: cr.pack_module("nodes.seed_search").memory_estimate(
+        model, vae, cv, lat["samples"], args["cfg"], steps), "seed_search_estimate")
+    with Peak() as p, phases:
         with torch.inference_mode():
             node.search(model, vae, pos, neg, lat, refs, clip_vision=cv, **args)
     res = {"peak_gb": round(p.peak / 1024, 2), "peak_above_loaded_gb": round(p.extra / 1024, 2),
            "loaded_gb": round(loaded / 1024, 2), "seconds_per_iteration": round(p.seconds, 1),
+           "estimate_gb": round(est.total / 2 ** 30, 2),
+           "estimate_parts_gb": {k: round(v / 2 ** 30, 2) for k, v in est.as_dict().items()},
+           "estimate_args": est_args,
            "setting": f"{kind} {o['dtype']} {size} px, Seed Search 1 iteration of {steps} search steps, CFG 5 "
                       f"(batch 2 per model call), semantic loss {'on a ViT CLIP vision model' if cv else 'off'}, "
                       f"appearance loss on"}
@@ -403,7 +439,52 @@ def probe_seed(o: dict) -> dict:
         with Peak() as q:
             _ksampler(model, pos, neg, lat, 1)
         res["seconds_plain_step"] = round(q.seconds, 2)
+        split = phases.seconds()
+        split["backward passes and the rest"] = round(p.seconds - sum(split.values()), 1)
+        res["seconds_split"] = split
+        res["in_plain_steps"] = {k: round(v / q.seconds, 1) for k, v in split.items()}
     return res
+
+
+class _PhaseClock:
+    """Wall time spent inside given modules' forwards during a block (module hooks), split by
+    whether gradients were on (``True``/``False``; ``None``: either). Calls nested inside an
+    already-timed forward of the same module are not counted twice. What is left of the block's
+    time is backward (including checkpointed recomputes inside it) and everything else."""
+
+    def __init__(self, spec: dict):
+        self.spec = {k: v for k, v in spec.items() if v[0] is not None}
+        self.total = dict.fromkeys(self.spec, 0.0)
+        self.handles = []
+
+    def __enter__(self):
+        for name, (mod, grad) in self.spec.items():
+            state = {"depth": 0, "t0": 0.0}
+
+            def pre(_m, _a, name=name, grad=grad, state=state):
+                if grad is not None and torch.is_grad_enabled() != grad:
+                    return
+                if state["depth"] == 0:
+                    state["t0"] = time.perf_counter()
+                state["depth"] += 1
+
+            def post(_m, _a, _o, name=name, grad=grad, state=state):
+                if grad is not None and torch.is_grad_enabled() != grad:
+                    return
+                state["depth"] -= 1
+                if state["depth"] == 0:
+                    self.total[name] += time.perf_counter() - state["t0"]
+
+            self.handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def seconds(self) -> dict:
+        return {k: round(v, 1) for k, v in self.total.items()}
 
 
 def probe_cn(o: dict) -> dict:
@@ -411,7 +492,6 @@ def probe_cn(o: dict) -> dict:
     pack = cr.bootstrap(pytorch_attention=o["attention"] == "pytorch")
     import importlib
 
-    import comfy.model_management as mm
     cn = importlib.import_module(f"{pack.__name__}.nodes.concept_neurons")
     rt = cr.pack_module("nodes._runtime")
     size = o["size"]
@@ -420,7 +500,6 @@ def probe_cn(o: dict) -> dict:
         clip = PrecomputedText(64 if o["quick"] else 4096, 64 if o["quick"] else 768)
     else:
         model, clip = unet("sd15", torch.float32, o["quick"]), sd1_clip(o["quick"])
-    vae = sd_vae(o["quick"]) if o["kind"] != "flux" else None
     channels = rt.latent_channels(model.model)
     g = torch.Generator().manual_seed(3)
     lat = torch.randn(o["batch"], channels, size // 8, size // 8, generator=g)
@@ -429,6 +508,7 @@ def probe_cn(o: dict) -> dict:
                                   noise_draws=o["batch"])
     layers = cn.model_layers(model)
     rt.load_for_compute(model)
+    est, est_args = _estimate(lambda: cn.memory_estimate(model, lat, lat[:0], settings, layers), "extract_estimate")
     loss = cn.ConceptLoss(model, lat, lat[:0], cond, pooled, settings, layers)
     mode = o["mode"]
     with torch.inference_mode(False):
@@ -447,6 +527,9 @@ def probe_cn(o: dict) -> dict:
     copied = loss.copied_bytes
     return {"mode": mode, "peak_above_loaded_mb": round(p.extra, 1), "peak_gb": round(p.peak / 1024, 2),
             "seconds": round(p.seconds, 1), "weights_copied_bytes": int(copied),
+            "estimate_mb": round(est.total / 2 ** 20, 1),
+            "estimate_parts_mb": {k: round(v / 2 ** 20, 1) for k, v in est.as_dict().items()},
+            "estimate_args": est_args,
             "kv_weights": int(sum(math.prod(v["shape"]) * (2 / 3 if v["kind"] == "qkv" else 1)
                                   for v in layers.values())),
             "setting": f"{o['kind']} fp32 {size} px, batch {o['batch']} (noise draws), {mode}"}
@@ -487,6 +570,10 @@ def add_arguments(p) -> None:
                         "default: ComfyUI's CPU default")
     p.add_argument("--quick", action="store_true", help="tiny models: a smoke test of the job only")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--sd21-dtype", action="append", choices=("fp32", "bf16"),
+                   help="seed-sd21: only these weight dtypes (repeatable; default fp32 and bf16)")
+    p.add_argument("--no-seed-six", dest="seed_six", action="store_false",
+                   help="seed-sd15: skip the 6-step probe (time figures only; no peak growth)")
     p.add_argument("--probe", help=argparse.SUPPRESS)
     p.add_argument("--probe-opts", default="{}", help=argparse.SUPPRESS)
 
@@ -513,17 +600,20 @@ def run(args) -> dict:
     if "seed-sd15" in chosen:
         size = 128 if args.quick else 512
         two = spawn("seed", kind="sd15", dtype="fp32", size=size, search_steps=2, time_step=True)
-        six = spawn("seed", kind="sd15", dtype="fp32", size=size, search_steps=6)
+        six = spawn("seed", kind="sd15", dtype="fp32", size=size, search_steps=6) if args.seed_six else {}
         fig = {"two_steps": two, "six_steps": six, "how": "measured"}
+        if "peak_above_loaded_gb" in two:
+            fig["seconds_per_iteration_over_step"] = round(two["seconds_per_iteration"] / two["seconds_plain_step"], 1)
         if "peak_above_loaded_gb" in two and "peak_above_loaded_gb" in six:
             fig["peak_growth_2_to_6_steps"] = round(six["peak_gb"] / two["peak_gb"], 3)
-            fig["seconds_per_iteration_over_step"] = round(two["seconds_per_iteration"] / two["seconds_plain_step"], 1)
+            fig["peak_above_loaded_growth_2_to_6_steps"] = round(
+                six["peak_above_loaded_gb"] / max(two["peak_above_loaded_gb"], 1e-6), 3)
         out["seed_search.sd15"] = fig
     if "seed-sd21" in chosen:
         size = 192 if args.quick else 768
-        fig = {"fp32": spawn("seed", kind="sd21", dtype="fp32", size=size, search_steps=2),
-               "bf16": spawn("seed", kind="sd21", dtype="bf16", size=size, search_steps=2), "how": "measured"}
-        if "peak_gb" in fig["fp32"]:
+        fig = {d: spawn("seed", kind="sd21", dtype=d, size=size, search_steps=2) for d in args.sd21_dtype or ("fp32", "bf16")}
+        fig["how"] = "measured"
+        if "peak_gb" in fig.get("fp32", {}):
             fig["peak_gb"] = fig["fp32"]["peak_gb"]
         out["seed_search.sd21_768"] = fig
     if "seed-sdxl" in chosen:
@@ -566,16 +656,27 @@ def sdxl_extrapolate(r: dict) -> dict:
             "fits": {f"{g} GB": proj <= g for g in (12, 16, 24)}}
 
 
-def flux_project(ex: dict, size: int) -> dict:
-    """A full Flux.1 (19 double + 38 single blocks, 11.9 B parameters) at 1024 px from the slice."""
-    blocks_slice, blocks_full = 2, 19 + 38
-    params_full_gb = 11.9e9 * 4 / 2 ** 30          # fp32 weights, as the slice measured them
-    per_block = ex["peak_above_loaded_mb"] / 1024 / blocks_slice
-    tokens = (1024 / size) ** 2
-    act = per_block * blocks_full * tokens
-    proj = params_full_gb + act
-    return {"peak_gb_projected": round(proj, 1), "how": "extrapolated",
-            "arithmetic": f"weights {params_full_gb:.1f} GB (fp32) + activations {per_block:.2f} GB per block "
-                          f"(slice: {ex['peak_above_loaded_mb']:.0f} MB above loaded / 2 blocks) x 57 blocks x "
-                          f"{tokens:.0f} (4x the image tokens at 1024 px) = {proj:.1f} GB; bf16 weights halve "
-                          f"the first term"}
+def flux_project(ex: dict, size: int, text_tokens: int = 77) -> dict:
+    """A full Flux.1 (19 double + 38 single blocks, 11.9 B parameters) extracting at 1024 px,
+    from the 2-block slice measured at ``size`` px: the slice's activations per block, times 57
+    blocks, times the growth of the token count (image tokens x4, the 77 text tokens of ComfyUI's
+    T5 padding stay); plus the fp32 K/V tensors per block (the node's own estimate of them on
+    the slice) times 57, plus the weights."""
+    gib = 2 ** 30
+    kv_slice = ex["estimate_parts_mb"]["fp32 K/V weights, multipliers and gradients"] * 2 ** 20
+    act_slice = ex["peak_above_loaded_mb"] * 2 ** 20 - kv_slice
+    blocks = 19 + 38
+    img, img_full = (size // 16) ** 2, (1024 // 16) ** 2
+    growth = (img_full + text_tokens) / (img + text_tokens)
+    act = act_slice / 2 * blocks * growth
+    kv = kv_slice / 2 * blocks
+    weights = 11.9e9 * 4
+    fp32 = (weights + act + kv) / gib
+    bf16 = (weights / 2 + act / 2 + kv) / gib
+    return {"peak_gb_projected": round(fp32, 1), "peak_gb_projected_bf16": round(bf16, 1), "how": "extrapolated",
+            "arithmetic": f"weights {weights / gib:.1f} GiB (fp32) + activations {act_slice / 2 / gib:.3f} GiB per "
+                          f"block (slice: {act_slice / gib:.2f} GiB above the weights and K/V tensors, 2 blocks) x "
+                          f"{blocks} blocks x {growth:.2f} (tokens {img_full}+{text_tokens} against {img}+{text_tokens}) "
+                          f"= {act / gib:.1f} GiB + K/V tensors {kv_slice / 2 / gib:.3f} GiB per block x {blocks} = "
+                          f"{kv / gib:.1f} GiB; total {fp32:.1f} GiB. With bf16 weights and activations (a GPU): "
+                          f"{bf16:.1f} GiB"}

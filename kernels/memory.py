@@ -13,7 +13,8 @@ What dominates, and the factors (``docs/memory.md`` says where each comes from):
   (``comfy.model_base.BaseModel.memory_required`` with SDPA/xformers attention, 0.3.x);
   ``memory_usage_factor`` is ComfyUI's per-family calibration (SD1.5 1.0, SDXL 0.8, Flux 3.1...).
   :func:`inference_forward_bytes` is that formula. A forward with autograd keeps every layer's
-  saved inputs until backward: :data:`TRAIN_FORWARD_FACTOR` times the inference figure.
+  saved inputs until backward: :data:`TRAIN_FORWARD_FACTOR` times the inference figure for a
+  UNet, :data:`DIT_BLOCK_TRAIN_FACTOR` times it per transformer block for a DiT.
 - Seed Search's backward is checkpointed per sampling step, so one step's activations live at a
   time, plus the VAE decode with gradients (the decoder checkpointed block by block:
   :data:`VAE_GRAD_FACTOR` times ComfyUI's own decode estimate ``VAE.memory_used_decode``) and
@@ -36,13 +37,22 @@ MIB = 1 << 20
 #: family's ``memory_usage_factor`` (``BaseModel.memory_required``, SDPA/xformers branch).
 COMFY_MIB_PER_AREA_BYTE = 0.01
 
-#: Activations autograd keeps through one diffusion forward, as a multiple of ComfyUI's
-#: inference estimate for the same batch and size. Measured: bytes saved for backward
-#: (``torch.autograd.graph.saved_tensors_hooks``, weights excluded) in one forward of a
-#: full-size SD1.5 UNet (ComfyUI 0.33's classes, SDPA, fp32, batch 2, 32x32 latent): 779.8 MiB,
-#: 9.5x :func:`inference_forward_bytes` (81.9 MiB); plus 1x for the working memory of the layer
-#: being run (the inference figure itself), rounded up: 11. docs/memory.md.
-TRAIN_FORWARD_FACTOR = 11.0
+#: Activations autograd keeps through one UNet forward, as a multiple of ComfyUI's inference
+#: estimate for the same batch and size. Counting the bytes saved for backward
+#: (``saved_tensors_hooks``, weights excluded) in one forward of a full-size SD1.5 UNet gives 9.4x
+#: (docs/memory.md); the whole Extract step measured by ``python -m benchmarks scale`` (cn-sd15:
+#: full-size SD1.5, SDPA, fp32, 512 px, batch 4) peaks 8,636 MiB above the weights and its K/V
+#: tensors, 13.2x the inference figure (655 MiB): activation snapshots, gradient buffers and the
+#: layer being run come on top. Rounded up: 14.
+TRAIN_FORWARD_FACTOR = 14.0
+
+#: DiTs (Flux, SD3, Qwen-Image, ...): activations autograd keeps *per transformer block*, as a
+#: multiple of ComfyUI's inference estimate (whose ``memory_usage_factor`` is per model, not per
+#: block: a 57-block Flux keeps 28x what a 2-block slice keeps, at the same inference figure).
+#: Measured by ``python -m benchmarks scale`` (cn-flux: a full-width Flux slice, 1 double + 1
+#: single block, fp32, 512 px): 644 MiB above the weights and K/V tensors for 2 blocks against
+#: an inference figure of 508 MiB, 0.63x per block. Rounded up: 0.7. Only Flux was measured.
+DIT_BLOCK_TRAIN_FACTOR = 0.7
 
 #: A decode with gradients through a decoder checkpointed block by block, as a multiple of
 #: ComfyUI's inference decode estimate (``VAE.memory_used_decode``): the kept block inputs (about
@@ -90,9 +100,12 @@ def inference_forward_bytes(latent_shape: Sequence[int], dtype, usage_factor: fl
     return int(latent_area(latent_shape) * dtype_bytes(dtype) * COMFY_MIB_PER_AREA_BYTE * float(usage_factor) * MIB)
 
 
-def train_forward_bytes(latent_shape: Sequence[int], dtype, usage_factor: float = 1.0) -> int:
-    """Activations one diffusion forward keeps for backward (:data:`TRAIN_FORWARD_FACTOR`)."""
-    return int(TRAIN_FORWARD_FACTOR * inference_forward_bytes(latent_shape, dtype, usage_factor))
+def train_forward_bytes(latent_shape: Sequence[int], dtype, usage_factor: float = 1.0, dit_blocks: int = 0) -> int:
+    """Activations one diffusion forward keeps for backward: :data:`TRAIN_FORWARD_FACTOR` x the
+    inference figure for a UNet (``dit_blocks`` 0), :data:`DIT_BLOCK_TRAIN_FACTOR` x it per block
+    for a DiT of ``dit_blocks`` transformer blocks."""
+    factor = DIT_BLOCK_TRAIN_FACTOR * int(dit_blocks) if dit_blocks else TRAIN_FORWARD_FACTOR
+    return int(factor * inference_forward_bytes(latent_shape, dtype, usage_factor))
 
 
 def call_batch(batch: int, cfg: float) -> int:
@@ -155,7 +168,7 @@ class Estimate:
 
 def seed_search_estimate(latent_shape: Sequence[int], model_dtype, usage_factor: float, cfg: float,
                          search_steps: int, decode_bytes: int = 0, vit: VitShape | None = None,
-                         vit_dtype=None) -> Estimate:
+                         vit_dtype=None, dit_blocks: int = 0) -> Estimate:
     """One Seed Search iteration (step-level checkpointing): one step's diffusion activations
     with autograd on the CFG batch, the per-step latents the checkpointing keeps, the VAE decode
     with gradients (``decode_bytes``: ComfyUI's ``VAE.memory_used_decode`` for the latent; 0
@@ -163,7 +176,7 @@ def seed_search_estimate(latent_shape: Sequence[int], model_dtype, usage_factor:
     b = int(latent_shape[0])
     shape = (call_batch(b, cfg), *latent_shape[1:])
     latent = math.prod(int(s) for s in latent_shape) * 4
-    parts = [("diffusion step with autograd", train_forward_bytes(shape, model_dtype, usage_factor)),
+    parts = [("diffusion step with autograd", train_forward_bytes(shape, model_dtype, usage_factor, dit_blocks)),
              ("checkpointed step latents", latent * (int(search_steps) + 3))]
     if decode_bytes:
         parts.append(("VAE decode with gradients", int(VAE_GRAD_FACTOR * decode_bytes)))
@@ -187,11 +200,11 @@ def seed_rank_estimate(latent_shape: Sequence[int], model_dtype, usage_factor: f
 
 
 def extract_estimate(latent_shape: Sequence[int], model_dtype, usage_factor: float, noise_draws: int,
-                     kv_numel: int, kv_dtype=None) -> Estimate:
+                     kv_numel: int, kv_dtype=None, dit_blocks: int = 0) -> Estimate:
     """One Extract gradient evaluation: a forward with autograd on (images + prior images) x
     noise draws latents (``latent_shape``: one latent per image, batch = images + prior images)
     and the fp32 tensors of the trainable K/V weights."""
     b = int(latent_shape[0]) * int(noise_draws)
     shape = (b, *latent_shape[1:])
-    return Estimate((("diffusion forward with autograd", train_forward_bytes(shape, model_dtype, usage_factor)),
+    return Estimate((("diffusion forward with autograd", train_forward_bytes(shape, model_dtype, usage_factor, dit_blocks)),
                      ("fp32 K/V weights, multipliers and gradients", kv_train_bytes(kv_numel, kv_dtype or model_dtype))))

@@ -222,6 +222,16 @@ def compute_dtype(base) -> torch.dtype:
     return next((d for d in candidates if isinstance(d, torch.dtype)), torch.float32)
 
 
+def dit_blocks(model) -> int:
+    """Transformer blocks of a DiT's diffusion model (for the memory estimates: a DiT keeps
+    activations per block), 0 for a UNet. Counted as the top-level block lists (Flux: double +
+    single blocks, SD3: joint blocks, Qwen-Image: transformer blocks, ...)."""
+    if model_family(model) not in DIT_FAMILIES:
+        return 0
+    dm = _base_model(model).diffusion_model
+    return sum(len(c) for c in dm.children() if isinstance(c, torch.nn.ModuleList))
+
+
 def lowvram_patched(model) -> bool:
     """Whether a loaded MODEL has layers whose patches ComfyUI applies at forward time (layers
     of a partially loaded model that carry weight patches)."""

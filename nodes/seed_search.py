@@ -35,7 +35,7 @@ from ..kernels import memory as M
 from ..kernels import seed_search as K
 from ..kernels.autograd import activation_snapshots, differentiable_weights
 from ._runtime import (Progress, check_interrupt, compute_dtype, fail, frame_latents, gradients_through,
-                       interrupt_types, is_out_of_memory, latent_channels, load_for_compute, out_of_memory_guard, require_family,
+                       dit_blocks, interrupt_types, is_out_of_memory, latent_channels, load_for_compute, out_of_memory_guard, require_family,
                        vae_frames, vae_ratio)
 
 SEARCH = "ConceptLab Seed Search (optimise)"
@@ -497,7 +497,8 @@ def memory_estimate(model, vae, clip_vision, latent_samples, cfg, search_steps=N
     factor = float(getattr(base, "memory_usage_factor", 1.0) or 1.0)
     if search_steps is None:
         return M.seed_rank_estimate(shape, compute_dtype(base), factor, cfg, dec, vit, cv_dtype)
-    return M.seed_search_estimate(shape, compute_dtype(base), factor, cfg, search_steps, dec, vit, cv_dtype)
+    return M.seed_search_estimate(shape, compute_dtype(base), factor, cfg, search_steps, dec, vit, cv_dtype,
+                                  dit_blocks(model))
 
 
 def _prepare(node, model, vae, latent, references, references_2, references_3, clip_vision,

@@ -284,3 +284,11 @@ def test_partially_loaded_model_gives_seed_search_the_same_result(lab, ss, demo,
     assert a.curve == pytest.approx(b.curve, rel=1e-5)
     mm.unload_all_models()
     guard.check("Seed Search (partial load)")
+
+
+def test_dit_blocks_are_counted_for_the_estimates(lab, demo):
+    import flux_family as FF
+    tiny = FF.build(lab, "flux")
+    dm = tiny.model.model.diffusion_model
+    assert lab.runtime.dit_blocks(tiny.model) == len(dm.double_blocks) + len(dm.single_blocks) > 0
+    assert lab.runtime.dit_blocks(demo.model) == 0

@@ -61,3 +61,46 @@ def test_extract_grows_with_images_draws_and_kv(K):
     assert e(3, 1, dt="float16") - e(3, 1) == 10 ** 6 * 4            # the fp32 lift of fp16 weights
     est = M.extract_estimate((3, 4, 64, 64), "float32", 1.0, 2, 100)
     assert est.total == sum(est.as_dict().values()) and "MiB" in est.describe()
+
+
+def _measured_probes(node, trail=()):
+    """(where, probe) for every probe of the committed scale figures that recorded its estimate."""
+    if isinstance(node, dict):
+        if "estimate_args" in node:
+            yield "/".join(trail), node
+        for k, v in node.items():
+            yield from _measured_probes(v, trail + (k,))
+
+
+def test_estimates_cover_the_peaks_measured_at_real_scale(K):
+    """The estimates handed to ComfyUI, re-evaluated with today's factors on the arguments the
+    nodes computed in ``python -m benchmarks scale`` (full-size SD1.5, SD2.1, SDXL, a Flux slice;
+    docs/figures/scale.json), are at or above the measured peak above the loaded weights, and
+    not more than twice it."""
+    import json
+    from pathlib import Path
+    M = K.memory
+    figures = json.loads((Path(__file__).resolve().parents[2] / "docs" / "figures" / "scale.json").read_text())
+    assert not figures.get("quick"), "the committed figures must come from a full-size run"
+    checked = []
+    for where, probe in _measured_probes(figures):
+        call = probe["estimate_args"]
+        revive = lambda v: M.VitShape(**v["VitShape"]) if isinstance(v, dict) and "VitShape" in v else v  # noqa: E731
+        est = getattr(M, call["kernel"])(*[revive(a) for a in call["args"]],
+                                         **{k: revive(v) for k, v in call["kwargs"].items()}).total
+        measured = (probe["peak_above_loaded_gb"] * 2 ** 30 if "peak_above_loaded_gb" in probe
+                    else probe["peak_above_loaded_mb"] * 2 ** 20)
+        checked.append((where, round(est / measured, 2)))
+        assert measured <= est <= 2 * measured, (where, est / 2 ** 30, measured / 2 ** 30)
+    assert len(checked) >= 4, checked
+
+
+def test_a_dit_keeps_activations_per_block(K):
+    M = K.memory
+    two = M.extract_estimate((1, 16, 64, 64), "float32", 3.1, 1, 0, dit_blocks=2).total
+    full = M.extract_estimate((1, 16, 64, 64), "float32", 3.1, 1, 0, dit_blocks=57).total
+    assert full == pytest.approx(57 / 2 * two, rel=1e-6)
+    unet = M.extract_estimate((1, 4, 64, 64), "float32", 1.0, 1, 0).total
+    assert unet == M.train_forward_bytes((1, 4, 64, 64), "float32")
+    step = M.seed_search_estimate((1, 16, 64, 64), "bf16", 3.1, 1.0, 2, dit_blocks=57).as_dict()
+    assert step["diffusion step with autograd"] == M.train_forward_bytes((1, 16, 64, 64), "bf16", 3.1, 57)
