@@ -156,13 +156,14 @@ def init_(module: torch.nn.Module, seed: int = 0) -> None:
 # ---------------------------------------------------------------------------------------------
 # models
 # ---------------------------------------------------------------------------------------------
-def unet(kind: str, dtype: torch.dtype, quick: bool = False):
+def unet(kind: str, dtype: torch.dtype, quick: bool = False, compute: torch.dtype | None = None):
+    """``compute``: ComfyUI's manual-cast dtype (weights stored in ``dtype``, cast layer by layer)."""
     import comfy.model_base as mb
     import comfy.supported_models as sm
     cfg = {"sd15": SD15, "sd21": SD21, "sdxl": SDXL}[kind]
     cfg = dict(_quick(cfg) if quick else cfg, dtype=dtype)
     mc = {"sd15": sm.SD15, "sd21": sm.SD20, "sdxl": sm.SDXL}[kind](cfg)
-    mc.set_inference_dtype(dtype, None)
+    mc.set_inference_dtype(dtype, compute)
     with torch.inference_mode():
         if kind == "sd21":          # the 768-v checkpoint: v-prediction
             base = mb.BaseModel(mc, model_type=mb.ModelType.V_PREDICTION)
@@ -403,7 +404,11 @@ def probe_seed(o: dict) -> dict:
     pack = cr.bootstrap(pytorch_attention=o["attention"] == "pytorch")
     kind, size, steps = o["kind"], o["size"], o["search_steps"]
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[o["dtype"]]
-    model = unet(kind, dtype, o["quick"])
+    # bf16/fp16 weights compute in fp32 through manual cast, which is what ComfyUI does on a
+    # device without fast half precision (``unet_manual_cast``): on this AVX2 CPU a bf16 matrix
+    # multiply takes about 100x the fp32 one (docs/scale.md)
+    compute = None if dtype == torch.float32 else torch.float32
+    model = unet(kind, dtype, o["quick"], compute)
     vae = sd_vae(o["quick"])
     cv = clip_vision("clip_vision_config_h.json" if kind != "sdxl" else "clip_vision_config_g.json", o["quick"]) \
         if o.get("semantic", True) else None
@@ -430,7 +435,7 @@ def probe_seed(o: dict) -> dict:
            "estimate_gb": round(est.total / 2 ** 30, 2),
            "estimate_parts_gb": {k: round(v / 2 ** 30, 2) for k, v in est.as_dict().items()},
            "estimate_args": est_args,
-           "setting": f"{kind} {o['dtype']} {size} px, Seed Search 1 iteration of {steps} search steps, CFG 5 "
+           "setting": f"{kind} {o['dtype']}{' weights, fp32 compute (manual cast)' if compute else ''} {size} px, Seed Search 1 iteration of {steps} search steps, CFG 5 "
                       f"(batch 2 per model call), semantic loss {'on a ViT CLIP vision model' if cv else 'off'}, "
                       f"appearance loss on"}
     if o.get("time_step"):
@@ -646,14 +651,19 @@ def run(args) -> dict:
 
 
 def sdxl_extrapolate(r: dict) -> dict:
-    """SDXL at 1024 px from the 512 px measurement: activations grow with the token count (4x)
-    for convolutions and linear layers; the attention matrices of SDPA are not materialised."""
+    """SDXL at 1024 px from the 512 px measurement (bf16 weights, fp32 compute): the work above the
+    weights grows with the token count (4x; SDPA keeps no attention matrices); on a GPU computing
+    in bf16 it is about half of that again. The CLIP vision part does not grow (it sees 224 px),
+    so both figures are upper bounds."""
     loaded, extra = r["loaded_gb"], r["peak_above_loaded_gb"]
     proj = loaded + 4 * extra
-    return {"peak_gb": round(proj, 1), "how": "extrapolated",
+    half = loaded + 2 * extra
+    return {"peak_gb": round(proj, 1), "peak_gb_bf16_compute": round(half, 1), "how": "extrapolated",
             "arithmetic": f"loaded {loaded} GB + 4 x the {extra} GB measured above it at 512 px (4x the pixels; "
-                          f"activations scale linearly in tokens with SDPA) = {proj:.1f} GB",
-            "fits": {f"{g} GB": proj <= g for g in (12, 16, 24)}}
+                          f"activations scale linearly in tokens with SDPA) = {proj:.1f} GB with fp32 compute as "
+                          f"measured; with bf16 compute (a GPU), activations half: {loaded} + 2 x {extra} = {half:.1f} GB",
+            "fits": {f"{g} GB": proj <= g for g in (12, 16, 24)},
+            "fits_bf16_compute": {f"{g} GB": half <= g for g in (12, 16, 24)}}
 
 
 def flux_project(ex: dict, size: int, text_tokens: int = 77) -> dict:
