@@ -108,9 +108,8 @@ def daam_token_maps(q: torch.Tensor, k: torch.Tensor, heads: int,
     b, n, inner = q.shape
     t = k.shape[1]
     d = inner // heads
-    if selection is None:
-        selection = token_columns(groups, t)
-    words = selection_matrix(selection, t).to(device=q.device)              # (T, G)
+    words = (token_selection(groups, t) if selection is None
+             else selection_matrix(selection, t)).to(device=q.device)      # (T, G)
     g = words.shape[1]
     qh = q.to(torch.float32).reshape(b, n, heads, d).transpose(1, 2)
     kh = k.to(torch.float32).reshape(b, t, heads, d).transpose(1, 2)

@@ -336,8 +336,7 @@ class _DaamPatch:
             key = (k.shape[1], q.device)
             sel = self._selection.get(key)
             if sel is None:   # the (tokens, words) 0/1 matrix, once per prompt length and device
-                sel = self._selection[key] = K.selection_matrix(
-                    K.token_columns(rec.groups, k.shape[1]), k.shape[1]).to(q.device)
+                sel = self._selection[key] = K.token_selection(rec.groups, k.shape[1]).to(q.device)
             rec.add("daam", K.daam_token_maps(q[rows], k[rows], heads, rec.groups, sel))
         return out
 
