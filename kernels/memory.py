@@ -46,6 +46,15 @@ COMFY_MIB_PER_AREA_BYTE = 0.01
 #: layer being run come on top. Rounded up: 14.
 TRAIN_FORWARD_FACTOR = 14.0
 
+#: A UNet's transformer load: the sum over its transformer blocks of their width times their
+#: share of the latent's tokens (1/4 per level down), over the base width. SD1.5 and SD2.x:
+#: 5 blocks at 1x, 5 at 2x/4, 5 at 4x/16 and 1 at 4x/64 = 8.8125; SDXL (depths 2 and 10, no
+#: attention at the top level): 20. :data:`TRAIN_FORWARD_FACTOR` was measured on SD1.5, and what
+#: autograd keeps grows with this load, while ComfyUI's inference ``memory_usage_factor`` (SDXL
+#: 0.8, for the attention peak of one layer) does not follow it: Seed Search on SDXL at 512 px
+#: kept 7.5 GB above the weights against 4.4 GB on SD1.5 (``python -m benchmarks scale``).
+SD15_TRANSFORMER_LOAD = 8.8125
+
 #: DiTs (Flux, SD3, Qwen-Image, ...): activations autograd keeps *per transformer block*, as a
 #: multiple of ComfyUI's inference estimate (whose ``memory_usage_factor`` is per model, not per
 #: block: a 57-block Flux keeps 28x what a 2-block slice keeps, at the same inference figure).
@@ -108,6 +117,12 @@ def train_forward_bytes(latent_shape: Sequence[int], dtype, usage_factor: float 
     return int(factor * inference_forward_bytes(latent_shape, dtype, usage_factor))
 
 
+def unet_train_usage(transformer_load: float) -> float:
+    """The usage factor for what a UNet keeps for backward (:func:`train_forward_bytes`): its
+    transformer load (see :data:`SD15_TRANSFORMER_LOAD`) relative to SD1.5's."""
+    return float(transformer_load) / SD15_TRANSFORMER_LOAD
+
+
 def call_batch(batch: int, cfg: float) -> int:
     """Samples per model call inside a sampler: cond and uncond are batched together unless
     CFG is 1 (ComfyUI skips the uncond then)."""
@@ -168,11 +183,13 @@ class Estimate:
 
 def seed_search_estimate(latent_shape: Sequence[int], model_dtype, usage_factor: float, cfg: float,
                          search_steps: int, decode_bytes: int = 0, vit: VitShape | None = None,
-                         vit_dtype=None, dit_blocks: int = 0) -> Estimate:
+                         vit_dtype=None, dit_blocks: int = 0, vit_cast_bytes: int = 0) -> Estimate:
     """One Seed Search iteration (step-level checkpointing): one step's diffusion activations
     with autograd on the CFG batch, the per-step latents the checkpointing keeps, the VAE decode
     with gradients (``decode_bytes``: ComfyUI's ``VAE.memory_used_decode`` for the latent; 0
-    without CLIP vision: the semantic loss then reads latents) and CLIP vision's forward/backward."""
+    without CLIP vision: the semantic loss then reads latents) and CLIP vision's forward/backward
+    (``vit_cast_bytes``: the fp32 casts of its weights that backward keeps when it is stored in
+    half precision or fp8 and computes in fp32)."""
     b = int(latent_shape[0])
     shape = (call_batch(b, cfg), *latent_shape[1:])
     latent = math.prod(int(s) for s in latent_shape) * 4
@@ -181,7 +198,8 @@ def seed_search_estimate(latent_shape: Sequence[int], model_dtype, usage_factor:
     if decode_bytes:
         parts.append(("VAE decode with gradients", int(VAE_GRAD_FACTOR * decode_bytes)))
     if vit is not None:
-        parts.append(("CLIP vision with gradients", transformer_train_bytes(vit, b, vit_dtype or "float32")))
+        parts.append(("CLIP vision with gradients", transformer_train_bytes(vit, b, vit_dtype or "float32")
+                      + int(vit_cast_bytes)))
     return Estimate(tuple(parts))
 
 

@@ -23,6 +23,7 @@ import torch
 import comfy.model_management
 import comfy.utils
 
+from ..kernels import memory
 from ..kernels.autograd import WeightView, differentiable_weights
 from ..kernels.fingerprint import diff_digests, state_digest
 
@@ -230,6 +231,47 @@ def dit_blocks(model) -> int:
         return 0
     dm = _base_model(model).diffusion_model
     return sum(len(c) for c in dm.children() if isinstance(c, torch.nn.ModuleList))
+
+
+def unet_transformer_load(diffusion_model) -> float | None:
+    """Sum over a ComfyUI UNet's transformer blocks of width x share of the latent's tokens
+    (1/4 per level down), over the base width (``kernels.memory.SD15_TRANSFORMER_LOAD``); None
+    when the model is not laid out as input / middle / output blocks."""
+    parts = [getattr(diffusion_model, n, None) for n in ("input_blocks", "middle_block", "output_blocks")]
+    base = getattr(diffusion_model, "model_channels", None)
+    if any(p is None for p in parts) or not base:
+        return None
+
+    def load(module, level):
+        total = 0.0
+        for sub in module.modules():
+            blocks = getattr(sub, "transformer_blocks", None)
+            width = getattr(sub, "in_channels", None)
+            if blocks is not None and width:
+                total += len(blocks) * width / 4 ** level
+        return total
+
+    level, total = 0, 0.0
+    for blk in parts[0]:
+        total += load(blk, level)
+        level += any(type(m).__name__ == "Downsample" for m in blk.children())
+    total += load(parts[1], level)
+    for blk in parts[2]:
+        total += load(blk, level)
+        level -= any(type(m).__name__ == "Upsample" for m in blk.children())
+    return total / base
+
+
+def train_usage_factor(model) -> float:
+    """The usage factor the training estimates (Extract, Seed Search) scale by: a UNet's
+    transformer load relative to SD1.5's, where it has one; else ComfyUI's per-model
+    ``memory_usage_factor`` (DiTs are counted per block on top of it)."""
+    base = _base_model(model)
+    if model_family(model) not in DIT_FAMILIES:
+        tl = unet_transformer_load(base.diffusion_model)
+        if tl:
+            return memory.unet_train_usage(tl)
+    return float(getattr(base, "memory_usage_factor", 1.0) or 1.0)
 
 
 def lowvram_patched(model) -> bool:

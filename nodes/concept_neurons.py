@@ -44,7 +44,8 @@ from ..kernels.fingerprint import combined_digest, tensor_digest
 from ..kernels.layers import concept_kv_layers
 from ._runtime import (
     Progress, clone_model, diffusion_key, fail, family_label, frame_latents, gradients_through,
-    compute_dtype, dit_blocks, latent_channels, load_for_compute, out_of_memory_guard, require_family, vae_frames, vae_ratio)
+    compute_dtype, dit_blocks, latent_channels, load_for_compute, out_of_memory_guard, require_family, train_usage_factor, vae_frames,
+    vae_ratio)
 
 log = logging.getLogger("ConceptLab")
 
@@ -619,8 +620,8 @@ def memory_estimate(model, subject, prior, settings: ExtractSettings, layers: di
     numel = sum(math.prod(layers[n]["shape"]) for n in layers)
     dtype = compute_dtype(base)
     kv_dtype = params[next(iter(layers))].dtype if layers and next(iter(layers)) in params else dtype
-    factor = float(getattr(base, "memory_usage_factor", 1.0) or 1.0)
-    return M.extract_estimate(shape, dtype, factor, settings.noise_draws, numel, kv_dtype, dit_blocks(model))
+    return M.extract_estimate(shape, dtype, train_usage_factor(model), settings.noise_draws, numel, kv_dtype,
+                              dit_blocks(model))
 
 
 def run_search(loss: ConceptLoss, layers: dict, settings: ExtractSettings, step=None) -> K.SearchResult:

@@ -36,6 +36,7 @@ from ..kernels import seed_search as K
 from ..kernels.autograd import activation_snapshots, differentiable_weights
 from ._runtime import (Progress, check_interrupt, compute_dtype, fail, frame_latents, gradients_through,
                        dit_blocks, interrupt_types, is_out_of_memory, latent_channels, load_for_compute, out_of_memory_guard, require_family,
+                       train_usage_factor,
                        vae_frames, vae_ratio)
 
 SEARCH = "ConceptLab Seed Search (optimise)"
@@ -172,9 +173,26 @@ def clip_vision_embed(cv, images_bchw: torch.Tensor) -> torch.Tensor:
     size = clip_vision_size(cv)
     px = K.preprocess_for_vision(images_bchw, size, getattr(cv, "image_mean", CLIP_MEAN),
                                  getattr(cv, "image_std", CLIP_STD))
-    dtype = getattr(cv, "dtype", None) or torch.float32
-    out = cv.model(pixel_values=px.to(cv.load_device, dtype), intermediate_output=-2)
+    out = cv.model(pixel_values=px.to(cv.load_device, clip_vision_compute_dtype(cv)), intermediate_output=-2)
     return out[2].float()
+
+
+def clip_vision_compute_dtype(cv) -> torch.dtype:
+    """The precision CLIP vision computes in: its stored fp16 / bf16 where the device is fast at
+    it (ComfyUI's ``should_use_fp16`` / ``should_use_bf16``: a GPU), else fp32 through its
+    manual-cast layers, which is how ComfyUI's own ``encode_image`` runs it. On a CPU, where
+    ComfyUI stores CLIP vision in fp16, a half-precision matrix multiply takes about 100x the
+    fp32 one (docs/scale.md); fp8 storage always computes in fp32."""
+    stored = getattr(cv, "dtype", None) or torch.float32
+    device = getattr(cv, "load_device", None)
+    try:
+        if stored == torch.float16 and comfy.model_management.should_use_fp16(device):
+            return stored
+        if stored == torch.bfloat16 and comfy.model_management.should_use_bf16(device):
+            return stored
+    except Exception:  # noqa: BLE001  (an older signature: fall back to the safe precision)
+        pass
+    return torch.float32
 
 
 #: The decoder blocks that are checkpointed one by one while gradients flow through the VAE.
@@ -493,12 +511,16 @@ def memory_estimate(model, vae, clip_vision, latent_samples, cfg, search_steps=N
     use_cv = clip_vision is not None and semantic
     dec = decode_bytes(vae, shape) if use_cv else 0
     vit = vit_shape(clip_vision) if use_cv else None
-    cv_dtype = getattr(clip_vision, "dtype", None) or torch.float32
-    factor = float(getattr(base, "memory_usage_factor", 1.0) or 1.0)
+    cv_dtype = clip_vision_compute_dtype(clip_vision) if use_cv else torch.float32
+    stored = getattr(clip_vision, "dtype", None) or torch.float32
+    # a half or fp8 CLIP vision computing in fp32: backward keeps each layer's fp32 weight cast
+    cast = (sum(p.numel() for p in clip_vision.model.parameters()) * 4
+            if use_cv and cv_dtype != stored else 0)
     if search_steps is None:
+        factor = float(getattr(base, "memory_usage_factor", 1.0) or 1.0)
         return M.seed_rank_estimate(shape, compute_dtype(base), factor, cfg, dec, vit, cv_dtype)
-    return M.seed_search_estimate(shape, compute_dtype(base), factor, cfg, search_steps, dec, vit, cv_dtype,
-                                  dit_blocks(model))
+    return M.seed_search_estimate(shape, compute_dtype(base), train_usage_factor(model), cfg, search_steps, dec,
+                                  vit, cv_dtype, dit_blocks(model), vit_cast_bytes=cast)
 
 
 def _prepare(node, model, vae, latent, references, references_2, references_3, clip_vision,

@@ -11,7 +11,7 @@ import importlib
 import pytest
 import torch
 
-from conftest import extract_settings, subject_images
+from conftest import extract_settings, subject_images, tiny_flux
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,10 @@ def test_extract_passes_its_estimate(lab, cn, M, demo, recorded):
     layers = cn.model_layers(demo.model)
     kv = sum(int(torch.tensor(l["shape"]).prod()) for l in layers.values())
     lat = (3, 4, 8, 8)
-    want = M.extract_estimate(lat, lab.runtime.compute_dtype(demo.model.model), 1.0, 2, kv, torch.float32)
+    factor = lab.runtime.train_usage_factor(demo.model)
+    load = lab.runtime.unet_transformer_load(demo.model.model.diffusion_model)
+    assert load and factor == pytest.approx(load / M.SD15_TRANSFORMER_LOAD)
+    want = M.extract_estimate(lat, lab.runtime.compute_dtype(demo.model.model), factor, 2, kv, torch.float32)
     assert need == [want.total]
     more = M.extract_estimate((6, 4, 8, 8), torch.float32, 1.0, 2, kv, torch.float32).total
     draws = M.extract_estimate(lat, torch.float32, 1.0, 4, kv, torch.float32).total
@@ -119,6 +122,34 @@ def test_extract_passes_its_estimate(lab, cn, M, demo, recorded):
     ours = [kw for ms, a, kw in recorded if demo.model in ms and kw.get("memory_required")]
     if "force_patch_weights" in inspect.signature(mm.load_models_gpu).parameters:
         assert [kw.get("force_patch_weights") for kw in ours] == [True]
+
+
+def test_training_estimates_follow_the_unet_transformer_load(lab, M):
+    """What autograd keeps grows with a UNet's transformer blocks (width x tokens), which
+    ComfyUI's inference ``memory_usage_factor`` does not follow (SDXL: 0.8 against SD1.5's 1.0,
+    while Seed Search at 512 px kept 1.7x SD1.5's). Full-size SD1.5, SD2.1 and SDXL, built on
+    the meta device through ComfyUI's own classes: the training factor is 1 for SD1.x/2.x and
+    20 / 8.8125 for SDXL; a DiT keeps ComfyUI's factor (counted per block on top)."""
+    import comfy.supported_models as sm
+    scale = importlib.import_module("benchmarks.scale")
+    got = {}
+    for name, cls, cfg in (("sd15", sm.SD15, scale.SD15), ("sd21", sm.SD20, scale.SD21), ("sdxl", sm.SDXL, scale.SDXL)):
+        mc = cls(dict(cfg, dtype=torch.float32))
+        mc.set_inference_dtype(torch.float32, None)
+        base = mc.get_model({}, device="meta")
+        assert next(base.diffusion_model.parameters()).device.type == "meta"
+        got[name] = lab.runtime.unet_transformer_load(base.diffusion_model)
+    assert got == {"sd15": 8.8125, "sd21": 8.8125, "sdxl": 20.0}
+    assert M.unet_train_usage(got["sd15"]) == 1.0
+    xl = M.seed_search_estimate((1, 4, 64, 64), "float32", M.unet_train_usage(got["sdxl"]), 5.0, 2).as_dict()
+    sd = M.seed_search_estimate((1, 4, 64, 64), "float32", 1.0, 5.0, 2).as_dict()
+    assert xl["diffusion step with autograd"] == pytest.approx(20 / 8.8125 * sd["diffusion step with autograd"], rel=1e-6)
+
+
+def test_a_dit_keeps_comfyuis_usage_factor_for_training(lab):
+    flux = tiny_flux(lab)
+    assert lab.runtime.train_usage_factor(flux) == flux.model.memory_usage_factor
+    assert lab.runtime.dit_blocks(flux) > 0
 
 
 # ------------------------------------------------------------------------------------------

@@ -179,6 +179,30 @@ def test_demo_clip_vision_runs_in_comfyui_clip_vision_encode(lab, ss, demo_cv):
     assert float(cos.min()) > 0.99, cos
 
 
+def test_clip_vision_computes_in_the_precision_comfyui_would(lab, ss, demo, demo_cv):
+    """ComfyUI stores CLIP vision in fp16 on a CPU too, and its own encode runs it in fp32
+    through manual-cast layers; the seed-search nodes do the same where the device is not fast
+    at half precision (on this CPU a half matmul takes ~100x the fp32 one), and their estimate
+    counts the fp32 weight casts that backward keeps."""
+    import comfy.model_management as mm
+    seen = []
+    layer = next(m for m in demo_cv.model.modules() if isinstance(m, torch.nn.Linear))
+    h = layer.register_forward_pre_hook(lambda m, a: seen.append(a[0].dtype))
+    try:
+        with torch.inference_mode():
+            ss.clip_vision_embed(demo_cv, torch.rand(1, 3, 64, 64))
+    finally:
+        h.remove()
+    fast = ((demo_cv.dtype == torch.float16 and mm.should_use_fp16(demo_cv.load_device))
+            or (demo_cv.dtype == torch.bfloat16 and mm.should_use_bf16(demo_cv.load_device)))
+    want = demo_cv.dtype if fast else torch.float32
+    assert ss.clip_vision_compute_dtype(demo_cv) == want and seen and set(seen) == {want}
+    M = importlib.import_module(f"{lab.pack.__name__}.kernels.memory")
+    part = ss.memory_estimate(demo.model, demo.vae, demo_cv, torch.empty(1, 4, 8, 8), 3.0, 2).as_dict()
+    cast = sum(p.numel() for p in demo_cv.model.parameters()) * 4 if want != demo_cv.dtype else 0
+    assert part["CLIP vision with gradients"] == M.transformer_train_bytes(ss.vit_shape(demo_cv), 1, want) + cast
+
+
 def test_clip_vision_semantic_loss_is_differentiable(lab, ss, demo, demo_cv):
     cv = demo_cv
     cv_guard = lab.runtime.ModelGuard.of(cv.model)
