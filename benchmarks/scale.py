@@ -22,7 +22,9 @@ Sections (``--section``, repeatable; default all; about 45 minutes on a quiet 2-
 - ``seed-sd21``: one Seed Search iteration at SD2.1 768-v geometry, 768 px, with the semantic
   loss through a real-size CLIP vision model (ViT-H/14) and the appearance loss: peak, fp32 and
   bf16;
-- ``seed-sdxl``: SDXL in bf16, measured at 512 px, extrapolated to 1024 px;
+- ``seed-sdxl``: SDXL measured at 512 px in fp32 with a ViT-H/14 CLIP vision model (the encoder
+  most SDXL IP-Adapters use; ``--sdxl-clip-vision g`` for ViT-bigG/14), extrapolated to 1024 px
+  and to bf16;
 - ``cn-sd15``: one extraction gradient evaluation against one dense K/V fine-tune step on the
   same batch (SD1.5, 512 px), and the bytes of model weights copied;
 - ``cn-flux``: the same gradient evaluation on the Flux slice at 512 px, projected to a full Flux
@@ -298,28 +300,77 @@ def probe_saliency_sd15(o: dict) -> dict:
     steps = o["steps"]
     _ksampler(model, pos, neg, lat, 1)            # warm-up: load, first-call costs
     _ksampler(patched, pos, neg, lat, 1)
-    plain_t, cap_t, plain_x, cap_x = [], [], [], []
-    for _ in range(o["repeats"]):                 # interleaved
-        with Peak() as p:
-            a = _ksampler(model, pos, neg, lat, steps)
-        plain_t.append(p.seconds)
-        plain_x.append(p.extra)
-        with Peak() as p:
-            b = _ksampler(patched, pos, neg, lat, steps)
-        cap_t.append(p.seconds)
-        cap_x.append(p.extra)
+    # time: pairs in alternating order (plain-capture, capture-plain, ...), no memory poller
+    # running; the ratio is the median of the per-pair ratios. The capture's own code (the DAAM
+    # kernel and the recording) is timed inside the capture runs too.
+    own = _CaptureClock(rec)
+    pairs, a, b = [], None, None
+    with own:
+        for i in range(o["repeats"]):
+            t = {}
+            for name in (("plain", "capture") if i % 2 == 0 else ("capture", "plain")):
+                own.on = name == "capture"
+                t0 = time.perf_counter()
+                out = _ksampler(model if name == "plain" else patched, pos, neg, lat, steps)
+                t[name] = time.perf_counter() - t0
+                a, b = (out, b) if name == "plain" else (a, out)
+            pairs.append(t)
+    # memory: one run each under the poller
+    with Peak() as p:
+        _ksampler(model, pos, neg, lat, steps)
+    plain_x = p.extra
+    with Peak() as p:
+        _ksampler(patched, pos, neg, lat, steps)
+    cap_x = p.extra
     bytes_n = rec.state_bytes()
     _ksampler(patched, pos, neg, lat, 2 * steps)
     bytes_2n = rec.state_bytes()
     med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
-    return {"capture_overhead_ratio": round(med(cap_t) / med(plain_t), 4),
-            "seconds_plain": round(med(plain_t), 2), "seconds_capture": round(med(cap_t), 2),
-            "extra_peak_mb": round(max(cap_x) - max(plain_x), 1),
-            "peak_above_loaded_mb_plain": round(max(plain_x), 1), "peak_above_loaded_mb_capture": round(max(cap_x), 1),
+    ratios = [t["capture"] / t["plain"] for t in pairs]
+    cap_s = sum(t["capture"] for t in pairs)
+    return {"capture_overhead_ratio": round(med(ratios), 4),
+            "pair_ratios": [round(r, 4) for r in ratios],
+            "seconds_plain": round(med([t["plain"] for t in pairs]), 2),
+            "seconds_capture": round(med([t["capture"] for t in pairs]), 2),
+            "capture_code_share": round(own.seconds / cap_s, 4),
+            "capture_code_seconds_per_run": round(own.seconds / len(pairs), 3),
+            "extra_peak_mb": round(cap_x - plain_x, 1),
+            "peak_above_loaded_mb_plain": round(plain_x, 1), "peak_above_loaded_mb_capture": round(cap_x, 1),
             "image_bit_identical": bool(torch.equal(a, b)),
             "recording_bytes": {str(steps): bytes_n, str(2 * steps): bytes_2n},
             "setting": f"SD1.5 {size} px, KSampler euler {steps} steps, CFG 5 (batch 2 per call), DAAM on all "
-                       f"16 cross-attention layers, 3 words; median of {o['repeats']} interleaved repeats"}
+                       f"16 cross-attention layers, 3 words; {o['repeats']} pairs in alternating order, "
+                       f"median of the per-pair ratios"}
+
+
+class _CaptureClock:
+    """Wall time inside the capture's own work during a block: the DAAM kernel
+    (``kernels.saliency.daam_token_maps``) and the recording's ``add``."""
+
+    def __init__(self, rec):
+        self.rec, self.seconds, self.on = rec, 0.0, False
+
+    def _timed(self, fn):
+        def run(*a, **k):
+            if not self.on:
+                return fn(*a, **k)
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.seconds += time.perf_counter() - t0
+        return run
+
+    def __enter__(self):
+        self.K = cr.pack_module("kernels.saliency")
+        self.maps = self.K.daam_token_maps
+        self.K.daam_token_maps = self._timed(self.maps)
+        self.rec.add = self._timed(type(self.rec).add.__get__(self.rec))
+        return self
+
+    def __exit__(self, *exc):
+        self.K.daam_token_maps = self.maps
+        del self.rec.add
 
 
 def probe_saliency_flux(o: dict) -> dict:
@@ -410,8 +461,8 @@ def probe_seed(o: dict) -> dict:
     compute = None if dtype == torch.float32 else torch.float32
     model = unet(kind, dtype, o["quick"], compute)
     vae = sd_vae(o["quick"])
-    cv = clip_vision("clip_vision_config_h.json" if kind != "sdxl" else "clip_vision_config_g.json", o["quick"]) \
-        if o.get("semantic", True) else None
+    cv_config = "clip_vision_config_g.json" if o.get("clip_vision") == "g" else "clip_vision_config_h.json"
+    cv = clip_vision(cv_config, o["quick"]) if o.get("semantic", True) else None
     pos, neg, refs = _seed_inputs(o, kind, dtype, size)
     lat = empty_latent(size)
     node = pack.NODE_CLASS_MAPPINGS["ConceptLabSeedSearch"]()
@@ -435,9 +486,15 @@ def probe_seed(o: dict) -> dict:
            "estimate_gb": round(est.total / 2 ** 30, 2),
            "estimate_parts_gb": {k: round(v / 2 ** 30, 2) for k, v in est.as_dict().items()},
            "estimate_args": est_args,
+           "unet_params": sum(t.numel() for t in model.model.diffusion_model.parameters()),
            "setting": f"{kind} {o['dtype']}{' weights, fp32 compute (manual cast)' if compute else ''} {size} px, Seed Search 1 iteration of {steps} search steps, CFG 5 "
-                      f"(batch 2 per model call), semantic loss {'on a ViT CLIP vision model' if cv else 'off'}, "
+                      f"(batch 2 per model call), semantic loss {'on ' + _vit_name(cv_config) + ' CLIP vision (stored ' + str(cv.dtype).replace('torch.', '') + ' as ComfyUI loads it, computing in ' + str(cr.pack_module('nodes.seed_search').clip_vision_compute_dtype(cv)).replace('torch.', '') + ')' if cv else 'off'}, "
                       f"appearance loss on"}
+    if cv is not None:
+        res["clip_vision"] = _vit_figures(cv_config, cv, quick=o["quick"])
+        if kind == "sdxl":      # the other SDXL encoder, for the arithmetic (not built)
+            other = "clip_vision_config_h.json" if cv_config.endswith("_g.json") else "clip_vision_config_g.json"
+            res["clip_vision_other"] = _vit_figures(other, None, cv.dtype, o["quick"])
     if o.get("time_step"):
         # one plain sampling step of the same model (KSampler, 1 step, same CFG and latent)
         _ksampler(model, pos, neg, lat, 1)
@@ -449,6 +506,31 @@ def probe_seed(o: dict) -> dict:
         res["seconds_split"] = split
         res["in_plain_steps"] = {k: round(v / q.seconds, 1) for k, v in split.items()}
     return res
+
+
+def _vit_name(config: str) -> str:
+    return "ViT-bigG/14" if config.endswith("_g.json") else "ViT-H/14"
+
+
+def _vit_figures(config: str, cv=None, dtype=None, quick: bool = False) -> dict:
+    """A CLIP vision model's parameters (counted on ``cv``, or from its config by the standard ViT
+    arithmetic) and the node's estimate of what its backward keeps for one image."""
+    M = cr.pack_module("kernels.memory")
+    cfg = json.loads((cr.comfy_root() / "comfy" / config).read_text())
+    if quick:
+        cfg.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, projection_dim=64)
+    w, mlp, n, ps, size = (cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"],
+                           cfg["patch_size"], cfg["image_size"])
+    tokens = (size // ps) ** 2 + 1
+    if cv is not None:
+        params, dtype = sum(t.numel() for t in cv.model.parameters()), cv.dtype
+    else:   # patch conv, class + position embeddings, pre-LN; per layer attention, MLP, 2 LNs; post-LN, projection
+        params = (3 * ps * ps * w + w + tokens * w + 2 * w
+                  + n * (4 * w * w + 4 * w + 2 * w * mlp + mlp + w + 4 * w) + 2 * w + w * cfg["projection_dim"])
+    vit = M.VitShape(size, ps, n, w, mlp)
+    return {"name": _vit_name(config), "params": params, "dtype": str(dtype).replace("torch.", ""),
+            "weight_gb": round(params * M.dtype_bytes(dtype) / 2 ** 30, 2),
+            "backward_activations_gb_estimate": round(M.transformer_train_bytes(vit, 1, dtype) / 2 ** 30, 2)}
 
 
 class _PhaseClock:
@@ -579,6 +661,8 @@ def add_arguments(p) -> None:
                    help="seed-sd21: only these weight dtypes (repeatable; default fp32 and bf16)")
     p.add_argument("--no-seed-six", dest="seed_six", action="store_false",
                    help="seed-sd15: skip the 6-step probe (time figures only; no peak growth)")
+    p.add_argument("--sdxl-clip-vision", choices=("h", "g"), default="h",
+                   help="CLIP vision model of the SDXL Seed Search probe: ViT-H/14 (default) or ViT-bigG/14")
     p.add_argument("--probe", help=argparse.SUPPRESS)
     p.add_argument("--probe-opts", default="{}", help=argparse.SUPPRESS)
 
@@ -623,7 +707,7 @@ def run(args) -> dict:
         out["seed_search.sd21_768"] = fig
     if "seed-sdxl" in chosen:
         size = 128 if args.quick else 512
-        r = spawn("seed", kind="sdxl", dtype="bf16", size=size, search_steps=2)
+        r = spawn("seed", kind="sdxl", dtype="fp32", size=size, search_steps=2, clip_vision=args.sdxl_clip_vision)
         fig = {"measured_512": r}
         if "peak_gb" in r:
             fig.update(sdxl_extrapolate(r))
@@ -651,19 +735,32 @@ def run(args) -> dict:
 
 
 def sdxl_extrapolate(r: dict) -> dict:
-    """SDXL at 1024 px from the 512 px measurement (bf16 weights, fp32 compute): the work above the
-    weights grows with the token count (4x; SDPA keeps no attention matrices); on a GPU computing
-    in bf16 it is about half of that again. The CLIP vision part does not grow (it sees 224 px),
-    so both figures are upper bounds."""
+    """SDXL at 1024 px from the fp32 measurement at 512 px. What lies above the loaded weights grows
+    with the token count (4x the pixels; SDPA keeps no attention matrices), except the CLIP vision
+    part, which sees 224 px whatever the image size, so the 4x is an upper bound. bf16 weights
+    and bf16 compute (a GPU: no fp32 casts) halve the UNet's weights and the activations. The
+    other SDXL encoder (ViT-bigG/14 against ViT-H/14) adds its weights and its backward."""
     loaded, extra = r["loaded_gb"], r["peak_above_loaded_gb"]
-    proj = loaded + 4 * extra
-    half = loaded + 2 * extra
-    return {"peak_gb": round(proj, 1), "peak_gb_bf16_compute": round(half, 1), "how": "extrapolated",
-            "arithmetic": f"loaded {loaded} GB + 4 x the {extra} GB measured above it at 512 px (4x the pixels; "
-                          f"activations scale linearly in tokens with SDPA) = {proj:.1f} GB with fp32 compute as "
-                          f"measured; with bf16 compute (a GPU), activations half: {loaded} + 2 x {extra} = {half:.1f} GB",
-            "fits": {f"{g} GB": proj <= g for g in (12, 16, 24)},
-            "fits_bf16_compute": {f"{g} GB": half <= g for g in (12, 16, 24)}}
+    unet32 = r["unet_params"] * 4 / 2 ** 30
+    fp32 = loaded + 4 * extra
+    bf16 = loaded - unet32 / 2 + 2 * extra
+    out = {"peak_gb": round(bf16, 1), "peak_gb_fp32": round(fp32, 1), "how": "extrapolated",
+           "arithmetic": f"fp32 at 1024 px: loaded {loaded} GB + 4 x the {extra} GB measured above it at 512 px "
+                         f"= {fp32:.1f} GB. bf16 (weights and compute, as on a GPU): the UNet's {unet32:.1f} GB of "
+                         f"fp32 weights halve and so do the activations: {loaded} - {unet32 / 2:.1f} + 2 x {extra} "
+                         f"= {bf16:.1f} GB",
+           "fits": {f"{g} GB": bf16 <= g for g in (12, 16, 24)},
+           "fits_fp32": {f"{g} GB": fp32 <= g for g in (12, 16, 24)}}
+    cv, other = r.get("clip_vision"), r.get("clip_vision_other")
+    if cv and other:
+        d = (other["weight_gb"] - cv["weight_gb"]) + max(0.0, other["backward_activations_gb_estimate"]
+                                                         - cv["backward_activations_gb_estimate"])
+        out[f"peak_gb_with_{other['name']}"] = round(bf16 + d, 1)
+        out["arithmetic"] += (f". With {other['name']} instead of {cv['name']}: + {other['weight_gb'] - cv['weight_gb']:.2f} GB "
+                              f"of {other['dtype']} weights + {max(0.0, other['backward_activations_gb_estimate'] - cv['backward_activations_gb_estimate']):.2f} GB "
+                              f"more kept for its backward (the node's estimate) = {bf16 + d:.1f} GB")
+        out[f"fits_with_{other['name']}"] = {f"{g} GB": bf16 + d <= g for g in (12, 16, 24)}
+    return out
 
 
 def flux_project(ex: dict, size: int, text_tokens: int = 77) -> dict:
