@@ -46,14 +46,20 @@ COMFY_MIB_PER_AREA_BYTE = 0.01
 #: layer being run come on top. Rounded up: 14.
 TRAIN_FORWARD_FACTOR = 14.0
 
-#: A UNet's transformer load: the sum over its transformer blocks of their width times their
-#: share of the latent's tokens (1/4 per level down), over the base width. SD1.5 and SD2.x:
-#: 5 blocks at 1x, 5 at 2x/4, 5 at 4x/16 and 1 at 4x/64 = 8.8125; SDXL (depths 2 and 10, no
-#: attention at the top level): 20. :data:`TRAIN_FORWARD_FACTOR` was measured on SD1.5, and what
-#: autograd keeps grows with this load, while ComfyUI's inference ``memory_usage_factor`` (SDXL
-#: 0.8, for the attention peak of one layer) does not follow it: Seed Search on SDXL at 512 px
-#: kept 7.5 GB above the weights against 4.4 GB on SD1.5 (``python -m benchmarks scale``).
-SD15_TRANSFORMER_LOAD = 8.8125
+#: A UNet's activation load: the sum over its transformer blocks and, weighted by
+#: :data:`UNET_RESBLOCK_WEIGHT`, its residual blocks, of their width times their share of the
+#: latent's tokens (1/4 per level down), over the base width. :data:`TRAIN_FORWARD_FACTOR` was
+#: measured on SD1.5, and what autograd keeps grows with this load, while ComfyUI's inference
+#: ``memory_usage_factor`` (SDXL 0.8, for the attention peak of one layer) does not follow it.
+#: SD1.5 and SD2.x: transformer load 8.8125, residual load 9.1875; SDXL (depths 2 and 10, no
+#: attention at the top level): 20 and 9.25.
+SD15_ACTIVATION_LOAD = (8.8125, 9.1875)
+
+#: Bytes a residual block saves for backward per channel and token, relative to a transformer
+#: block. Counted with a ``saved_tensors_hooks`` pack hook through one forward (fp32, batch 2,
+#: 64x64 latent, SDPA, ComfyUI 0.33 classes, weights excluded): SD1.5 3,075 MiB, SDXL 5,275 MiB,
+#: 1.716x, where transformer blocks alone would say 2.27x; the weight that matches both is 0.75.
+UNET_RESBLOCK_WEIGHT = 0.75
 
 #: DiTs (Flux, SD3, Qwen-Image, ...): activations autograd keeps *per transformer block*, as a
 #: multiple of ComfyUI's inference estimate (whose ``memory_usage_factor`` is per model, not per
@@ -117,10 +123,12 @@ def train_forward_bytes(latent_shape: Sequence[int], dtype, usage_factor: float 
     return int(factor * inference_forward_bytes(latent_shape, dtype, usage_factor))
 
 
-def unet_train_usage(transformer_load: float) -> float:
+def unet_train_usage(transformer_load: float, resblock_load: float = 0.0) -> float:
     """The usage factor for what a UNet keeps for backward (:func:`train_forward_bytes`): its
-    transformer load (see :data:`SD15_TRANSFORMER_LOAD`) relative to SD1.5's."""
-    return float(transformer_load) / SD15_TRANSFORMER_LOAD
+    activation load (see :data:`SD15_ACTIVATION_LOAD`) relative to SD1.5's."""
+    def load(t, r):
+        return float(t) + UNET_RESBLOCK_WEIGHT * float(r)
+    return load(transformer_load, resblock_load) / load(*SD15_ACTIVATION_LOAD)
 
 
 def call_batch(batch: int, cfg: float) -> int:

@@ -233,44 +233,50 @@ def dit_blocks(model) -> int:
     return sum(len(c) for c in dm.children() if isinstance(c, torch.nn.ModuleList))
 
 
-def unet_transformer_load(diffusion_model) -> float | None:
-    """Sum over a ComfyUI UNet's transformer blocks of width x share of the latent's tokens
-    (1/4 per level down), over the base width (``kernels.memory.SD15_TRANSFORMER_LOAD``); None
-    when the model is not laid out as input / middle / output blocks."""
+def unet_activation_load(diffusion_model) -> tuple | None:
+    """(transformer load, residual-block load) of a ComfyUI UNet: the sum over its transformer
+    blocks (resp. ResBlocks) of width x share of the latent's tokens (1/4 per level down), over
+    the base width (``kernels.memory.unet_train_usage`` combines them); None when the model is
+    not laid out as input / middle / output blocks."""
     parts = [getattr(diffusion_model, n, None) for n in ("input_blocks", "middle_block", "output_blocks")]
     base = getattr(diffusion_model, "model_channels", None)
     if any(p is None for p in parts) or not base:
         return None
 
     def load(module, level):
-        total = 0.0
+        t = r = 0.0
         for sub in module.modules():
             blocks = getattr(sub, "transformer_blocks", None)
             width = getattr(sub, "in_channels", None)
             if blocks is not None and width:
-                total += len(blocks) * width / 4 ** level
-        return total
+                t += len(blocks) * width / 4 ** level
+            elif type(sub).__name__ == "ResBlock" and getattr(sub, "out_channels", None):
+                r += sub.out_channels / 4 ** level
+        return t, r
 
-    level, total = 0, 0.0
+    level, t, r = 0, 0.0, 0.0
     for blk in parts[0]:
-        total += load(blk, level)
+        dt, dr = load(blk, level)
+        t, r = t + dt, r + dr
         level += any(type(m).__name__ == "Downsample" for m in blk.children())
-    total += load(parts[1], level)
+    dt, dr = load(parts[1], level)
+    t, r = t + dt, r + dr
     for blk in parts[2]:
-        total += load(blk, level)
+        dt, dr = load(blk, level)
+        t, r = t + dt, r + dr
         level -= any(type(m).__name__ == "Upsample" for m in blk.children())
-    return total / base
+    return t / base, r / base
 
 
 def train_usage_factor(model) -> float:
     """The usage factor the training estimates (Extract, Seed Search) scale by: a UNet's
-    transformer load relative to SD1.5's, where it has one; else ComfyUI's per-model
+    activation load relative to SD1.5's, where it has one; else ComfyUI's per-model
     ``memory_usage_factor`` (DiTs are counted per block on top of it)."""
     base = _base_model(model)
     if model_family(model) not in DIT_FAMILIES:
-        tl = unet_transformer_load(base.diffusion_model)
-        if tl:
-            return memory.unet_train_usage(tl)
+        load = unet_activation_load(base.diffusion_model)
+        if load and load[0] + load[1] > 0:
+            return memory.unet_train_usage(*load)
     return float(getattr(base, "memory_usage_factor", 1.0) or 1.0)
 
 
