@@ -8,7 +8,8 @@ weights are fine for cost; quality is measured in the digits world.
 Every figure comes from a **fresh process per probe** (``--probe``): memory is that process's peak
 RSS while the measured work runs (a thread reads /proc/self/statm every 2 ms), minus its RSS
 after the models were built and loaded, reported next to the absolute peak. Times are ratios
-measured in one process, interleaved. Torch threads are pinned (``--threads``, default 2).
+measured in one process, interleaved (the SD1.5 saliency probe: in alternating pairs with no
+memory poller running, the median of the per-pair ratios). Torch threads are pinned (``--threads``, default 2).
 
 Sections (``--section``, repeatable; default all; about 45 minutes on a quiet 2-core CPU):
 
