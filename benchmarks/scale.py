@@ -489,8 +489,7 @@ def probe_seed(o: dict) -> dict:
            "estimate_args": est_args,
            "unet_params": sum(t.numel() for t in model.model.diffusion_model.parameters()),
            "setting": f"{kind} {o['dtype']}{' weights, fp32 compute (manual cast)' if compute else ''} {size} px, Seed Search 1 iteration of {steps} search steps, CFG 5 "
-                      f"(batch 2 per model call), semantic loss {'on ' + _vit_name(cv_config) + ' CLIP vision (stored ' + str(cv.dtype).replace('torch.', '') + ' as ComfyUI loads it, computing in ' + str(cr.pack_module('nodes.seed_search').clip_vision_compute_dtype(cv)).replace('torch.', '') + ')' if cv else 'off'}, "
-                      f"appearance loss on"}
+                      f"(batch 2 per model call), semantic loss {_semantic_setting(cv, cv_config)}, appearance loss on"}
     if cv is not None:
         res["clip_vision"] = _vit_figures(cv_config, cv, quick=o["quick"])
         if kind == "sdxl":      # the other SDXL encoder, for the arithmetic (not built)
@@ -509,6 +508,15 @@ def probe_seed(o: dict) -> dict:
     return res
 
 
+def _semantic_setting(cv, config: str) -> str:
+    if cv is None:
+        return "off"
+    name = lambda d: str(d).replace("torch.", "")  # noqa: E731
+    compute = cr.pack_module("nodes.seed_search").clip_vision_compute_dtype(cv)
+    return (f"on {_vit_name(config)} CLIP vision (stored {name(cv.dtype)} as ComfyUI loads it, "
+            f"computing in {name(compute)})")
+
+
 def _vit_name(config: str) -> str:
     return "ViT-bigG/14" if config.endswith("_g.json") else "ViT-H/14"
 
@@ -522,13 +530,12 @@ def _vit_figures(config: str, cv=None, dtype=None, quick: bool = False) -> dict:
         cfg.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, projection_dim=64)
     w, mlp, n, ps, size = (cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"],
                            cfg["patch_size"], cfg["image_size"])
-    tokens = (size // ps) ** 2 + 1
+    vit = M.VitShape(size, ps, n, w, mlp)
     if cv is not None:
         params, dtype = sum(t.numel() for t in cv.model.parameters()), cv.dtype
     else:   # patch conv, class + position embeddings, pre-LN; per layer attention, MLP, 2 LNs; post-LN, projection
-        params = (3 * ps * ps * w + w + tokens * w + 2 * w
+        params = (3 * ps * ps * w + w + vit.tokens * w + 2 * w
                   + n * (4 * w * w + 4 * w + 2 * w * mlp + mlp + w + 4 * w) + 2 * w + w * cfg["projection_dim"])
-    vit = M.VitShape(size, ps, n, w, mlp)
     return {"name": _vit_name(config), "params": params, "dtype": str(dtype).replace("torch.", ""),
             "weight_gb": round(params * M.dtype_bytes(dtype) / 2 ** 30, 2),
             "backward_activations_gb_estimate": round(M.transformer_train_bytes(vit, 1, dtype) / 2 ** 30, 2)}
@@ -754,13 +761,13 @@ def sdxl_extrapolate(r: dict) -> dict:
            "fits_fp32": {f"{g} GB": fp32 <= g for g in (12, 16, 24)}}
     cv, other = r.get("clip_vision"), r.get("clip_vision_other")
     if cv and other:
-        d = (other["weight_gb"] - cv["weight_gb"]) + max(0.0, other["backward_activations_gb_estimate"]
-                                                         - cv["backward_activations_gb_estimate"])
-        out[f"peak_gb_with_{other['name']}"] = round(bf16 + d, 1)
-        out["arithmetic"] += (f". With {other['name']} instead of {cv['name']}: + {other['weight_gb'] - cv['weight_gb']:.2f} GB "
-                              f"of {other['dtype']} weights + {max(0.0, other['backward_activations_gb_estimate'] - cv['backward_activations_gb_estimate']):.2f} GB "
-                              f"more kept for its backward (the node's estimate) = {bf16 + d:.1f} GB")
-        out[f"fits_with_{other['name']}"] = {f"{g} GB": bf16 + d <= g for g in (12, 16, 24)}
+        weights = other["weight_gb"] - cv["weight_gb"]
+        backward = max(0.0, other["backward_activations_gb_estimate"] - cv["backward_activations_gb_estimate"])
+        total = bf16 + weights + backward
+        out[f"peak_gb_with_{other['name']}"] = round(total, 1)
+        out["arithmetic"] += (f". With {other['name']} instead of {cv['name']}: + {weights:.2f} GB of {other['dtype']} "
+                              f"weights + {backward:.2f} GB more kept for its backward (the node's estimate) = {total:.1f} GB")
+        out[f"fits_with_{other['name']}"] = {f"{g} GB": total <= g for g in (12, 16, 24)}
     return out
 
 
