@@ -215,13 +215,20 @@ def sd_vae(quick: bool = False):
 
 
 def clip_vision(config: str = "clip_vision_config_h.json", quick: bool = False):
+    import tempfile
+
     import comfy.clip_vision
     path = cr.comfy_root() / "comfy" / config
     cfg = json.loads(path.read_text())
     if quick:
         cfg.update(hidden_size=64, intermediate_size=128, num_attention_heads=2, num_hidden_layers=2,
                    projection_dim=64)
-    cv = comfy.clip_vision.ClipVisionModel(cfg)
+    # ClipVisionModel takes the path of a JSON config in every ComfyUI (0.33 also takes a dict,
+    # 0.3.75 opens whatever it is given), so the config goes through a file
+    with tempfile.TemporaryDirectory() as tmp:
+        f = Path(tmp) / config
+        f.write_text(json.dumps(cfg))
+        cv = comfy.clip_vision.ClipVisionModel(str(f))
     init_(cv.model, 4)
     return cv
 
