@@ -20,14 +20,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-#: The reason prefix of a skip that is allowed on the current tier: a test about an old ComfyUI.
-#: With CONCEPTLAB_NO_SKIPS=1 (.ci/run's current-ComfyUI tier) every other skip fails the run.
-OLD_ONLY = "only for old ComfyUI: "
+#: The reason prefix of the one kind of skip allowed on every tier: a test that does not apply to
+#: the running ComfyUI version (it says which version and why). With CONCEPTLAB_NO_SKIPS=1 (every
+#: tier of .ci/run) any other skip fails the run.
+NOT_FOR_VERSION = "does not apply to ComfyUI "
 
 
-def skip_old_only(reason: str):
-    """Skip a test that is about an old ComfyUI (allowed on every tier)."""
-    pytest.skip(OLD_ONLY + reason)
+def skip_version(reason: str, version: str | None = None):
+    """Skip a test that does not apply to the running ComfyUI version, saying why (allowed on
+    every tier)."""
+    version = version or cr.comfy_version()
+    pytest.skip(f"{NOT_FOR_VERSION}{version}: {reason}")
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -36,10 +39,10 @@ def pytest_runtest_makereport(item, call):
     rep = outcome.get_result()
     if rep.skipped and os.environ.get("CONCEPTLAB_NO_SKIPS") == "1" and not hasattr(rep, "wasxfail"):
         reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)
-        if not reason.removeprefix("Skipped: ").startswith(OLD_ONLY):
+        if not reason.removeprefix("Skipped: ").startswith(NOT_FOR_VERSION):
             rep.outcome = "failed"
             rep.longrepr = (f"skipped on a tier that allows no skips (CONCEPTLAB_NO_SKIPS=1) but for "
-                            f"tests about an old ComfyUI: {reason}")
+                            f"tests that do not apply to the running ComfyUI version: {reason}")
 
 
 def _load_by_path(name: str, path: Path, package_dir: Path | None = None):
@@ -266,19 +269,45 @@ def check_save_load(cn, concept, folder, monkeypatch, prefix: str) -> tuple:
 
 
 @contextlib.contextmanager
+def unthrottled_progress():
+    """ComfyUI's progress hook called on every update for the duration of the block.
+
+    ComfyUI 0.3.5x and later throttle ``ProgressBar`` (an update reaches the hook only when 100 ms
+    and 1 % have passed since the last one; the first and the final update always do). A test
+    that acts from the hook at a given value would then depend on timing: on a fast run the hook
+    never sees that value. With both thresholds at 0 every update reaches the hook, as on a slow
+    run; ComfyUI's own code path is otherwise unchanged."""
+    import comfy.utils
+    saved = {n: getattr(comfy.utils, n) for n in ("PROGRESS_THROTTLE_MIN_INTERVAL", "PROGRESS_THROTTLE_MIN_PERCENT")
+             if hasattr(comfy.utils, n)}
+    for n in saved:
+        setattr(comfy.utils, n, 0)
+    try:
+        yield
+    finally:
+        for n, v in saved.items():
+            setattr(comfy.utils, n, v)
+
+
+@contextlib.contextmanager
 def interrupt_at_progress(lab, value: int):
-    """Press ComfyUI's cancel once a progress bar reaches ``value``; expect the interruption."""
+    """Press ComfyUI's cancel once a progress bar reaches ``value``; expect the interruption, and
+    expect it before the bar moves on (the node checks for cancel at every step and every model
+    call). Deterministic: the hook sees every update (:func:`unthrottled_progress`)."""
     import comfy.model_management as mm
     import comfy.utils
     old = getattr(comfy.utils, "PROGRESS_BAR_HOOK", None)
+    seen = []
 
     def hook(current, total, preview, *a, **k):
+        seen.append(current)
         if current >= value:
             mm.interrupt_current_processing(True)
     comfy.utils.set_progress_bar_global_hook(hook)
     try:
-        with pytest.raises(lab.runtime.interrupt_types()):
-            yield
+        with unthrottled_progress(), pytest.raises(lab.runtime.interrupt_types()):
+            yield seen
+        assert seen and seen[-1] == value, f"cancel pressed at {value}, but the bar went on: {seen}"
     finally:
         mm.interrupt_current_processing(False)
         comfy.utils.set_progress_bar_global_hook(old)

@@ -22,8 +22,9 @@ def build(lab, family: str):
     try:
         return tiny.build(family)
     except tiny.Unavailable as e:
-        pytest.skip(f"ComfyUI {lab.version} cannot build a {family} model: {e}. "
-                    "Set COMFYUI_PATH to a ComfyUI that has it (0.33).")
+        from conftest import skip_version
+        skip_version(f"it cannot build a {family} model: {e}. Set COMFYUI_PATH to a ComfyUI that has "
+                     "it (0.33).", lab.version)
 
 
 def rescaled(tiny, scale: float):

@@ -37,6 +37,8 @@ import urllib.request
 
 import pytest
 
+from conftest import skip_version
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 LOCALES = ROOT / "locales"
 NODE_PREFIX = "ConceptLab"
@@ -202,8 +204,8 @@ def test_front_end_shows_the_pack_in(lang, tmp_path):
                 page.screenshot(path=str(shot))
                 held = page.evaluate(HELD_JS, f"nodeDefs.{first}.display_name")
                 if held["en"] and not held["here"] and _older_than(front_end, (1, 48)):
-                    pytest.skip(
-                        f"front end {front_end} drops custom-node translations for a language it loads "
+                    skip_version(
+                        f"its front end {front_end} drops custom-node translations for a language it loads "
                         f"lazily: it merges /i18n into '{lang}' at start-up, then loading '{lang}' replaces "
                         "those messages (setLocaleMessage); the English ones, loaded eagerly, survive. "
                         "Front end 1.48 keeps them (mergeCustomNodesI18n). The files are checked by "

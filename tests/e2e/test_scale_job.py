@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import skip_old_only
+from conftest import skip_version
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,7 +39,7 @@ def _failed(node, where=""):
 
 def test_scale_job_writes_every_figure(lab, tmp_path):
     if importlib.util.find_spec("comfy.ldm.flux") is None:
-        skip_old_only(f"ComfyUI {lab.version} has no Flux classes, which the scale job's Flux slice needs")
+        skip_version(f"ComfyUI {lab.version} has no Flux classes, which the scale job's Flux slice needs")
     out = tmp_path / "scale.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "benchmarks", "scale", "--quick", "--repeats", "1", "--threads", "1",

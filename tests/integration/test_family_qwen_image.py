@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import (check_apply, check_cross_family, check_save_load, extract_concept, extract_settings,
-                      skip_old_only, subject_images)
+                      skip_version, subject_images)
 from dit_checks import (
     H, W, check_capture_bit_identical, check_maps_equal, check_search_and_rank, prompt_rows, recorded_run)
 from flux_family import PROMPT, build, capture, detected_config, encode
@@ -117,7 +117,7 @@ def test_edit_models_with_a_reference_image(lab, sal, tq, qwen, ref_method):
     try:
         model = tiny.model_from_config("QwenImage", dict(tq.QWEN_IMAGE_CONFIG, default_ref_method=ref_method))
     except tiny.Unavailable as e:
-        skip_old_only(f"Qwen-Image-Edit's reference methods are newer than this ComfyUI ({e})")
+        skip_version(f"Qwen-Image-Edit's reference methods are newer than this ComfyUI ({e})")
     guard = lab.runtime.ModelGuard.of(model)
     ref = {"reference_latents": [torch.randn(1, 16, 1, 6, 6, generator=torch.Generator().manual_seed(0))]}
     pos, neg = (node_helpers.conditioning_set_values(encode(lab, qwen.clip, t), ref, append=True)

@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import check_apply, check_cross_family, check_save_load, extract_concept as _extract
+from conftest import check_apply, check_cross_family, check_save_load, extract_concept as _extract, skip_version
 
 PROMPT = "a red seven on the left and a blue two on the right"
 WORDS = ["seven", "two", "red"]
@@ -68,7 +68,7 @@ ss = pytest.fixture(scope="module")(lambda lab: _pack(lab, "seed_search"))
 
 def _needs_layer_patches(arch, model):
     if not arch.layer_patches_supported(model.model.diffusion_model):
-        pytest.skip("this ComfyUI's Lumina model (comfy/ldm/lumina/model.py) calls no per-layer "
+        skip_version("this ComfyUI's Lumina model (comfy/ldm/lumina/model.py) calls no per-layer "
                     "patches (transformer_options patches['double_block'], block_index), which the "
                     "Z-Image capture reads; ComfyUI 0.33 has them")
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import skip_old_only, subject_images
+from conftest import skip_version, subject_images
 
 PRECISIONS = ["fp32", "fp16", "bf16", "fp8_e4m3fn", "fp8_e5m2"]
 FAMILIES = ["sd15", "flux"]
@@ -50,14 +50,14 @@ def loaded(L, sources):
     def get(family, precision):
         src = sources[family]
         if isinstance(src, str):
-            skip_old_only(f"{family} needs Flux classes, which this ComfyUI lacks ({src})")
+            skip_version(f"{family} needs Flux classes, which this ComfyUI lacks ({src})")
         if (family, precision) not in cache:
             try:
                 model = L.load(src[0], precision)
             except ValueError as e:   # 0.3.75's Flux detection fixes 24 heads (3072 wide): no tiny Flux
                 if family != "flux" or "num_heads" not in str(e):
                     raise
-                skip_old_only(f"this ComfyUI's Flux detection cannot load a tiny Flux ({e}); 0.33's can")
+                skip_version(f"this ComfyUI's Flux detection cannot load a tiny Flux ({e}); 0.33's can")
             assert L.weight_dtypes(model) == {L.PRECISIONS[precision]}
             cache[family, precision] = (model, src[1], src[2])
         return cache[family, precision]

@@ -4,6 +4,8 @@ ComfyUI's own nodes and samplers. No mocks of ComfyUI."""
 import pytest
 import torch
 
+from conftest import unthrottled_progress
+
 
 def _apply(model, x, sigma, cond):
     """One real ComfyUI model call (BaseModel.apply_model), the call every sampler makes."""
@@ -142,11 +144,12 @@ def test_family_detection_and_clear_errors(lab, demo):
 
 
 def test_progress_reports_and_cancel_interrupts(lab):
-    """The bar reaches ComfyUI's progress hook and Cancel interrupts at the next step.
+    """The bar reaches ComfyUI's progress hook at every step and Cancel interrupts at the next step.
 
     ComfyUI 0.3.5x and later throttle the hook (an update is sent at most every 100 ms, but the
-    first and the final one always are), so the test asserts what every version delivers: the
-    first update, the bar's own position, and the final update."""
+    first and the final one always are). Under ComfyUI's own throttle the test asserts what every
+    run delivers (the first update, the bar's position, the final update); with the throttle off
+    (``unthrottled_progress``) it asserts every update, in order."""
     import comfy.model_management as mm
     import comfy.utils
     rt = lab.runtime
@@ -164,6 +167,12 @@ def test_progress_reports_and_cancel_interrupts(lab):
         assert seen[-1] == (3, 3)                # the final update is always sent
         bar.step()                               # past the end: stays at the total
         assert bar.done == 3 and seen[-1] == (3, 3)
+        seen.clear()
+        with unthrottled_progress():
+            bar = rt.Progress(4)
+            for _ in range(5):
+                bar.step()
+        assert seen == [(1, 4), (2, 4), (3, 4), (4, 4), (4, 4)]
         mm.interrupt_current_processing(True)
         with pytest.raises(rt.interrupt_types()):
             rt.Progress(3).step()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import needs_modern, skip_old_only
+from conftest import needs_modern, skip_version
 
 
 def _world(lab, key):
@@ -50,7 +50,7 @@ def test_dit_demo_model_draws_the_prompted_class(lab):
 
 def test_dit_demo_model_refused_clearly_on_old_comfyui(lab):
     if lab.demo.has_mmdit():
-        skip_old_only(f"{lab.version} has the SD3 MMDiT classes; the refusal path is for a ComfyUI "
+        skip_version(f"{lab.version} has the SD3 MMDiT classes; the refusal path is for a ComfyUI "
                       "without them (the 2024 snapshot)")
     with pytest.raises(lab.runtime.ConceptLabError) as e:
         lab.demo.build_demo_model("digits_dit")
