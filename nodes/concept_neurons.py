@@ -319,8 +319,9 @@ def next_save_path(prefix: str, node: str = SAVE) -> str:
     """``<folder>/<prefix>_00001_.safetensors`` with the first free counter (like SaveImage).
 
     The prefix is checked as text (no absolute path, drive letter or '..'; letters, digits,
-    '-', '_', '.', spaces and '/' sub-folders), so the file lands inside the save folder, or
-    inside a folder the user linked there."""
+    '-', '_', '.', spaces and '/' sub-folders), and where it leads is checked with links resolved
+    (as ComfyUI 0.33's folder_paths.is_within_directory does for its own saves): a sub-folder
+    that is a link to somewhere outside the save folder is refused. Load still follows links."""
     prefix = (prefix or "concept").strip()
     parts = [part for part in re.split(r"[\\/]", prefix) if part not in ("", ".")]
     if escapes(prefix) or not re.fullmatch(r"[\w\-. /]+", prefix) or not parts:
@@ -328,6 +329,18 @@ def next_save_path(prefix: str, node: str = SAVE) -> str:
                    "Use letters, digits, '-', '_' and optional sub-folders, e.g. 'my_subject/three'; "
                    "no '..' or absolute paths.")
     full_prefix = os.path.join(save_dir(), *parts)
+    folder, target = os.path.realpath(save_dir()), os.path.realpath(os.path.dirname(full_prefix))
+    try:
+        inside = os.path.commonpath((folder, target)) == folder
+    except ValueError:  # another drive (Windows)
+        inside = False
+    if not inside:
+        raise fail(node, f"The file name prefix '{prefix}' leads out of {save_dir()} through a link "
+                   f"(it would write into {target}); like ComfyUI's own save nodes, Save writes only "
+                   "inside its folder.",
+                   "Use a prefix without that linked sub-folder, or a real sub-folder; to keep concepts "
+                   "on another disk, link models/concept_neurons itself or add the folder in "
+                   "extra_model_paths.yaml.")
     os.makedirs(os.path.dirname(full_prefix), exist_ok=True)
     counter = 1
     while True:

@@ -3,8 +3,9 @@
 Many users keep models/ (or a part of it) on another disk through a symlink. A concept file in a
 symlinked sub-folder of models/concept_neurons, or a symlinked file there, must be listed in
 ConceptLab Concept Neurons Load's menu and load when the workflow runs, as ComfyUI's own loaders
-follow such links; a link that leads nowhere must not be listed; Save writes through the user's
-linked sub-folder but never through a name that escapes the folder."""
+follow such links; a link that leads nowhere must not be listed; Save never writes through a
+linked sub-folder that leads out of the folder (as ComfyUI 0.33's own saves), nor through a name
+that escapes it."""
 import os
 import shutil
 from pathlib import Path
@@ -67,19 +68,18 @@ def test_a_dangling_link_is_refused_before_running(server, linked):
     assert e.value.code == 400 and "e2e_dangling.safetensors" in e.value.body
 
 
-def test_save_writes_through_a_linked_folder_but_not_through_an_escaping_name(server, linked):
+def test_save_refuses_a_linked_folder_leading_outside_and_an_escaping_name(server, linked):
     def save(prefix: str) -> dict:
         prompt = _load_info("digits_unet_three_subject.safetensors")
         prompt["3"] = {"class_type": "ConceptLabConceptNeuronsSave",
                        "inputs": {"concept": ["1", 0], "filename_prefix": prefix}}
         return server.run_prompt(prompt, timeout=120)
 
-    entry = save("e2e_linked_sub/saved")
-    assert cr.history_error(entry) is None, cr.history_error(entry)
-    name = entry["outputs"]["3"]["text"][0].split(" ")[0]
-    assert name == "e2e_linked_sub/saved_00001_.safetensors", name
-    assert (linked / "mine" / "saved_00001_.safetensors").is_file()   # on the "other disk"
-    assert name in _menu(server)
+    entry = save("e2e_linked_sub/saved")   # the linked sub-folder leads to the "other disk"
+    err = cr.history_error(entry)
+    assert err and "[ConceptLab Concept Neurons Save]" in err and "through a link" in err, err
+    assert "Fix:" in err and os.path.realpath(linked / "mine") in err, err
+    assert sorted(p.name for p in (linked / "mine").iterdir()) == ["three_linked.safetensors"]
     base = server.base
     for prefix in ("../escaped", "e2e_linked_sub/../../escaped", str(base / "escaped"), "."):
         entry = save(prefix)
