@@ -84,11 +84,16 @@ def measure(model, latent: int, ctx_dim: int, repeats: int = 5) -> dict:
         return copied
 
     with torch.inference_mode():  # as inside a ComfyUI node
-        step_alias(); step_clone()  # warm-up
+        step_alias()  # warm-up
+        step_clone()
         t_alias, t_clone = [], []
         for _ in range(repeats):
-            t = time.perf_counter(); view = step_alias(); t_alias.append(time.perf_counter() - t)
-            t = time.perf_counter(); copied = step_clone(); t_clone.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            view = step_alias()
+            t_alias.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            copied = step_clone()
+            t_clone.append(time.perf_counter() - t)
     unchanged = fp.state_digest(model.model.state_dict()) == before
     return {
         "parameters": sum(p.numel() for p in dm.parameters()),

@@ -296,7 +296,8 @@ def train_unet(base, clip_l, tokens: CaptionTokens, latents: torch.Tensor, recor
     text = clip_l.transformer
     for p in text.parameters():
         p.requires_grad_(True)
-    unet.train(); text.train()
+    unet.train()
+    text.train()
     params = [*unet.parameters(), *text.parameters()]
     opt = torch.optim.AdamW([{"params": list(unet.parameters()), "mult": 1.0},
                              {"params": list(text.parameters()), "mult": text_lr_mult}],
@@ -320,7 +321,8 @@ def train_unet(base, clip_l, tokens: CaptionTokens, latents: torch.Tensor, recor
         if step % log_every == 0:
             _log(f"unet step {step} loss {avg:.4f} ({time.time() - t0:.0f}/{seconds:.0f}s)")
     ema.copy_to_params()
-    unet.eval(); text.eval()
+    unet.eval()
+    text.eval()
     for p in text.parameters():
         p.requires_grad_(False)
     _log(f"unet+text trained: {ema.steps} steps in {time.time() - t0:.0f}s, loss {avg:.4f} (EMA weights kept)")
