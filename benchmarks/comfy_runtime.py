@@ -363,6 +363,14 @@ def _is_widget(spec: tuple) -> bool:
     return bool(spec) and (isinstance(spec[0], list) or spec[0] in _WIDGET_TYPES)
 
 
+def combo_options(spec) -> list:
+    """The choices of a combo input's spec: ``([choices], opts)`` (V1 nodes) or
+    ``("COMBO", {"options": choices, ...})`` (V3 nodes)."""
+    if isinstance(spec[0], (list, tuple)):
+        return list(spec[0])
+    return list((spec[1] if len(spec) > 1 else {}).get("options", []))
+
+
 def _take_widget_value(values: list, name: str, spec: tuple):
     """Pop one widget's value from ``widgets_values``, and the front end's extra
     control_after_generate entry ("fixed", "randomize", ...) that follows a seed-like INT."""
@@ -376,7 +384,9 @@ def _take_widget_value(values: list, name: str, spec: tuple):
 
 def ui_to_api(workflow: dict, object_info: dict) -> dict:
     """Convert a saved UI workflow (LiteGraph JSON) to the API prompt format, as the front end
-    does when you press Queue. Widget values are matched to inputs by the node's input order."""
+    does when you press Queue: every connected input under its slot's name (also one the node's
+    current definition no longer lists, e.g. an older workflow's ``references_2``, which the front
+    end keeps on the node), and widget values matched to inputs by the node's input order."""
     links = {l[0]: l for l in workflow.get("links", [])}
     prompt = {}
     for node in workflow["nodes"]:
@@ -404,6 +414,8 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
                 continue
             if _is_widget(spec) and values:
                 inputs[name] = _take_widget_value(values, name, spec)
+        for name, link in linked.items():       # inputs the definition does not list
+            inputs.setdefault(name, link)
         prompt[str(node["id"])] = {"class_type": ntype, "inputs": inputs}
     return prompt
 

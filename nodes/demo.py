@@ -37,6 +37,7 @@ import comfy.sd1_clip
 import comfy.supported_models
 
 from ._runtime import fail
+from ._schema import io, schema
 
 log = logging.getLogger("ConceptLab")
 
@@ -328,67 +329,69 @@ def _unknown_demo_model(value):
                 f"Pick one of: {', '.join(DEMO_MODELS)}.")
 
 
-class ConceptLabLoadDemoModel:
-    DESCRIPTION = ("Loads one of Concept Lab's bundled demo models (tiny, CPU-friendly, nothing to "
-                   "download) as ordinary MODEL, CLIP and VAE outputs, so every Concept Lab node "
-                   "and ComfyUI's stock samplers can be tried in minutes. Both were trained on this "
-                   "pack's digits world (real handwritten digits, coloured and placed by the "
-                   "prompt, e.g. 'a red seven on the left and a blue two on the right'). "
-                   "digits-unet is an SD1.x-architecture v-prediction model; digits-dit is an SD3 "
-                   "MMDiT (flow) model and needs ComfyUI 0.3.x. Use a 64x64 empty latent, about 20 "
-                   "steps and CFG 3 (high CFG empties the canvas).")
-    CATEGORY = "ConceptLab/demo"
-    FUNCTION = "load"
-    RETURN_TYPES = ("MODEL", "CLIP", "VAE", "STRING")
-    RETURN_NAMES = ("model", "clip", "vae", "info")
-    OUTPUT_TOOLTIPS = ("The demo diffusion model.", "Its text encoder.", "Its VAE.",
-                       "JSON describing which demo model was loaded and from where.")
+class ConceptLabLoadDemoModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(
+            node_id="ConceptLabLoadDemoModel", display_name="ConceptLab Load Demo Model",
+            category="ConceptLab/demo",
+            description=("Loads one of Concept Lab's bundled demo models (tiny, CPU-friendly, nothing to "
+                         "download) as ordinary MODEL, CLIP and VAE outputs, so every Concept Lab node "
+                         "and ComfyUI's stock samplers can be tried in minutes. Both were trained on this "
+                         "pack's digits world (real handwritten digits, coloured and placed by the "
+                         "prompt, e.g. 'a red seven on the left and a blue two on the right'). "
+                         "digits-unet is an SD1.x-architecture v-prediction model; digits-dit is an SD3 "
+                         "MMDiT (flow) model and needs ComfyUI 0.3.x. Use a 64x64 empty latent, about 20 "
+                         "steps and CFG 3 (high CFG empties the canvas)."),
+            search_aliases=["demo model", "digits", "tiny model", "digits-unet", "digits-dit"],
+            inputs=[io.Combo.Input("demo_model", options=list(DEMO_MODELS), default=next(iter(DEMO_MODELS)),
+                                   tooltip=DEMO_MODEL_TOOLTIP)],
+            outputs=[io.Model.Output("model", display_name="model", tooltip="The demo diffusion model."),
+                     io.Clip.Output("clip", display_name="clip", tooltip="Its text encoder."),
+                     io.Vae.Output("vae", display_name="vae", tooltip="Its VAE."),
+                     io.String.Output("info", display_name="info",
+                                      tooltip="JSON describing which demo model was loaded and from where.")])
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "demo_model": (list(DEMO_MODELS), {
-                "default": next(iter(DEMO_MODELS)),
-                "tooltip": DEMO_MODEL_TOOLTIP}),
-        }}
-
-    @classmethod
-    def VALIDATE_INPUTS(cls, demo_model):
+    def validate_inputs(cls, demo_model):
         """Accept the menu's values and the long values of earlier releases (old workflows);
         ComfyUI skips its own combo check for an input this method takes, in every version."""
         if demo_model_key(demo_model) is None:
             return _unknown_demo_model(demo_model).args[0]
         return True
 
-    def load(self, demo_model):
+    @classmethod
+    def execute(cls, demo_model):
         key = demo_model_key(demo_model)
         if key is None:
             raise _unknown_demo_model(demo_model)
         model, clip, vae, info = build_demo_model(key)
-        return (model, clip, vae, json.dumps(info))
+        return io.NodeOutput(model, clip, vae, json.dumps(info))
 
 
-class ConceptLabLoadDemoCLIPVision:
-    DESCRIPTION = ("Loads the digits world's bundled CLIP vision model (tiny, nothing to download): "
-                   "ComfyUI's own CLIP vision transformer, trained on the world's training handwriting "
-                   "so that its image embedding tells the ten digits apart. Connect it wherever a "
-                   "CLIP_VISION goes, for example to ConceptLab Seed Search / Seed Rank (their semantic "
-                   "loss compares it against the references) or to ComfyUI 0.3.x's CLIPVisionEncode (older "
-                   "ComfyUI resizes every image to 224 px there and cannot run it). It only understands "
-                   "digits-world images (64x64, coloured digits on black).")
-    CATEGORY = "ConceptLab/demo"
-    FUNCTION = "load"
-    RETURN_TYPES = ("CLIP_VISION", "STRING")
-    RETURN_NAMES = ("clip_vision", "info")
-    OUTPUT_TOOLTIPS = ("The demo CLIP vision model.", "JSON describing which weights were loaded.")
+class ConceptLabLoadDemoCLIPVision(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(
+            node_id="ConceptLabLoadDemoCLIPVision", display_name="ConceptLab Load Demo CLIP Vision",
+            category="ConceptLab/demo",
+            description=("Loads the digits world's bundled CLIP vision model (tiny, nothing to download): "
+                         "ComfyUI's own CLIP vision transformer, trained on the world's training handwriting "
+                         "so that its image embedding tells the ten digits apart. Connect it wherever a "
+                         "CLIP_VISION goes, for example to ConceptLab Seed Search / Seed Rank (their semantic "
+                         "loss compares it against the references) or to ComfyUI 0.3.x's CLIPVisionEncode (older "
+                         "ComfyUI resizes every image to 224 px there and cannot run it). It only understands "
+                         "digits-world images (64x64, coloured digits on black)."),
+            search_aliases=["demo clip vision", "clip vision", "image encoder", "digits"],
+            inputs=[],
+            outputs=[io.ClipVision.Output("clip_vision", display_name="clip_vision",
+                                          tooltip="The demo CLIP vision model."),
+                     io.String.Output("info", display_name="info", tooltip="JSON describing which weights were loaded.")])
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {}}
-
-    def load(self):
+    def execute(cls):
         cv, info = build_demo_clip_vision()
-        return (cv, json.dumps(info))
+        return io.NodeOutput(cv, json.dumps(info))
 
 
 #: The bundled picture sets (demo/images/<set>/NN.png, written by benchmarks/showcase.py:
@@ -423,38 +426,30 @@ def load_demo_images(image_set: str) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays))
 
 
-class ConceptLabLoadDemoImages:
-    DESCRIPTION = ("Loads a bundled set of demo pictures as an IMAGE batch: real handwriting of writers "
-                   "the demo models never saw. The example workflows use them as the reference images "
-                   "of Seed Search / Seed Rank and as the subject of Concept Neurons Extract, so they "
-                   "run as soon as they are opened. With your own model, replace this node with Load "
-                   "Image nodes of your concept or subject (batched together).")
-    CATEGORY = "ConceptLab/demo"
-    FUNCTION = "load"
-    RETURN_TYPES = ("IMAGE", "STRING")
-    RETURN_NAMES = ("images", "info")
-    OUTPUT_TOOLTIPS = ("The pictures, 64x64 each, as one batch.",
-                       "Which pictures these are (set, count, the writers' sample numbers).")
+class ConceptLabLoadDemoImages(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(
+            node_id="ConceptLabLoadDemoImages", display_name=LOAD_IMAGES, category="ConceptLab/demo",
+            description=("Loads a bundled set of demo pictures as an IMAGE batch: real handwriting of writers "
+                         "the demo models never saw. The example workflows use them as the reference images "
+                         "of Seed Search / Seed Rank and as the subject of Concept Neurons Extract, so they "
+                         "run as soon as they are opened. With your own model, replace this node with Load "
+                         "Image nodes of your concept or subject (batched together)."),
+            search_aliases=["demo images", "reference images", "sample images", "handwriting", "digits"],
+            inputs=[io.Combo.Input("image_set", options=list(DEMO_IMAGE_SETS), default="eight-references",
+                                   tooltip="Which pictures. " + "; ".join(f"{k}: {v}" for k, v in DEMO_IMAGE_SETS.items())
+                                           + ".")],
+            outputs=[io.Image.Output("images", display_name="images", tooltip="The pictures, 64x64 each, as one batch."),
+                     io.String.Output("info", display_name="info",
+                                      tooltip="Which pictures these are (set, count, the writers' sample numbers).")])
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "image_set": (list(DEMO_IMAGE_SETS), {
-                "default": "eight-references",
-                "tooltip": "Which pictures. " + "; ".join(f"{k}: {v}" for k, v in DEMO_IMAGE_SETS.items())
-                           + "."}),
-        }}
-
-    def load(self, image_set):
+    def execute(cls, image_set):
         images = load_demo_images(image_set)
         info = {"image_set": image_set, "count": int(images.shape[0]), "size": list(images.shape[1:3]),
                 "what": DEMO_IMAGE_SETS[image_set]}
-        return {"ui": {"text": [f"{image_set}: {images.shape[0]} pictures"]}, "result": (images, json.dumps(info))}
+        return io.NodeOutput(images, json.dumps(info), ui={"text": [f"{image_set}: {images.shape[0]} pictures"]})
 
 
-NODE_CLASS_MAPPINGS = {"ConceptLabLoadDemoModel": ConceptLabLoadDemoModel,
-                       "ConceptLabLoadDemoCLIPVision": ConceptLabLoadDemoCLIPVision,
-                       "ConceptLabLoadDemoImages": ConceptLabLoadDemoImages}
-NODE_DISPLAY_NAME_MAPPINGS = {"ConceptLabLoadDemoModel": "ConceptLab Load Demo Model",
-                              "ConceptLabLoadDemoCLIPVision": "ConceptLab Load Demo CLIP Vision",
-                              "ConceptLabLoadDemoImages": "ConceptLab Load Demo Images"}
+NODES = [ConceptLabLoadDemoModel, ConceptLabLoadDemoCLIPVision, ConceptLabLoadDemoImages]

@@ -43,7 +43,8 @@ def _family(server, prompt: dict) -> str:
 
 
 def test_menu_values_are_short_and_described_in_the_tooltip(object_info):
-    values, opts = object_info[NODE]["input"]["required"]["demo_model"]
+    spec = object_info[NODE]["input"]["required"]["demo_model"]
+    values, opts = cr.combo_options(spec), spec[1]
     assert values == list(SHORT) and opts["default"] == "digits-unet"
     for words in (("digits-unet", "SD1.x"), ("digits-dit", "SD3 MMDiT", "0.3.x")):
         assert all(w in opts["tooltip"] for w in words), opts["tooltip"]

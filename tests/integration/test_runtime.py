@@ -34,7 +34,7 @@ def test_pack_registers_v1_nodes_with_prefix_tooltips_and_descriptions(lab):
     assert lab.pack.WEB_DIRECTORY == "./web"
     for node_id, cls in maps.items():
         assert cls.DESCRIPTION and cls.CATEGORY.startswith("ConceptLab"), node_id
-        assert hasattr(cls, cls.FUNCTION) and isinstance(cls.RETURN_TYPES, tuple), node_id
+        assert hasattr(cls, cls.FUNCTION) and isinstance(cls.RETURN_TYPES, (tuple, list)), node_id
         spec_all = cls.INPUT_TYPES()
         for section in ("required", "optional"):      # "hidden" inputs (UNIQUE_ID, ...) have no widget
             for name, spec in spec_all.get(section, {}).items():

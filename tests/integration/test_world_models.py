@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import needs_modern, skip_version
+from conftest import cr, needs_modern, skip_version
 
 
 def _world(lab, key):
@@ -64,16 +64,16 @@ def test_demo_images_node_serves_the_bundled_handwriting(lab):
     the judge reads every picture as its class; an unknown set is refused clearly."""
     import numpy as np
     from benchmarks.world import judge as J
-    node = lab.pack.NODE_CLASS_MAPPINGS["ConceptLabLoadDemoImages"]()
+    node = lab.nodes.NODE_CLASS_MAPPINGS["ConceptLabLoadDemoImages"]
     want = {"eight-references": (8, 3), "three-subject": (3, 6), "seven-subject": (7, 6)}
-    assert set(node.INPUT_TYPES()["required"]["image_set"][0]) == set(want)
+    assert set(cr.combo_options(node.INPUT_TYPES()["required"]["image_set"])) == set(want)
     for name, (cls, count) in want.items():
-        out = node.load(name)
-        images, info = out["result"]
+        out = node.execute(name)
+        images, info = out.result
         assert images.shape == (count, 64, 64, 3) and images.dtype == torch.float32
         assert 0.0 <= float(images.min()) and float(images.max()) <= 1.0 and float(images.max()) > 0.5
         reads = [max(J.find_digits((im.numpy() * 255).astype(np.uint8)), key=lambda d: d.area).cls
                  for im in images]
         assert reads == [cls] * count, (name, reads)
     with pytest.raises(lab.runtime.ConceptLabError, match="Unknown picture set"):
-        node.load("nine-references")
+        node.execute("nine-references")
