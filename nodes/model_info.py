@@ -5,6 +5,7 @@ import json
 
 from ..kernels.layers import concept_kv_layers, kv_weight_count
 from ._runtime import family_label, model_family, require_family, UNET_FAMILIES, DIT_FAMILIES
+from ._schema import io, schema
 from .architectures import dit_stream
 
 NODE = "ConceptLab Model Info"
@@ -35,22 +36,22 @@ def describe_model(model) -> dict:
     }
 
 
-class ConceptLabModelInfo:
-    DESCRIPTION = ("Reports what Concept Lab sees in a MODEL: its family, its size, and how many "
-                   "cross-attention key/value weights (the concept-neuron candidates) it has. "
-                   "Does not change the model.")
-    CATEGORY = "ConceptLab/utils"
-    FUNCTION = "describe"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("info",)
-    OUTPUT_TOOLTIPS = ("The same report as JSON text.",)
+class ConceptLabModelInfo(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(
+            node_id="ConceptLabModelInfo", display_name=NODE, category="ConceptLab/utils",
+            description=("Reports what Concept Lab sees in a MODEL: its family, its size, and how many "
+                         "cross-attention key/value weights (the concept-neuron candidates) it has. "
+                         "Does not change the model."),
+            search_aliases=["model info", "model family", "inspect model", "parameter count",
+                            "concept neuron candidates"],
+            is_output_node=True,
+            inputs=[io.Model.Input("model", tooltip="Any SD1.x, SD2.x, SDXL, SD3 or Flux model.")],
+            outputs=[io.String.Output("info", display_name="info", tooltip="The same report as JSON text.")])
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"model": ("MODEL", {"tooltip": "Any SD1.x, SD2.x, SDXL, SD3 or Flux model."})}}
-
-    def describe(self, model):
+    def execute(cls, model):
         info = describe_model(model)
         text = json.dumps(info)
         lines = [f"{info['family_label']}: {info['parameters']:,} parameters ({info['dtype']})",
@@ -59,8 +60,7 @@ class ConceptLabModelInfo:
             lines.append(info["architecture"])
         if info["candidates"]:
             lines.append(info["candidates"])
-        return {"ui": {"text": lines}, "result": (text,)}
+        return io.NodeOutput(text, ui={"text": lines})
 
 
-NODE_CLASS_MAPPINGS = {"ConceptLabModelInfo": ConceptLabModelInfo}
-NODE_DISPLAY_NAME_MAPPINGS = {"ConceptLabModelInfo": NODE}
+NODES = [ConceptLabModelInfo]

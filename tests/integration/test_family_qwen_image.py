@@ -70,15 +70,15 @@ def test_model_info_names_qwen_image_and_its_text_kv_candidates(lab, sal, qwen):
     import json
     guard = lab.runtime.ModelGuard.of(qwen.model)
     assert lab.runtime.model_family(qwen.model) == "qwen_image"
-    node = lab.pack.NODE_CLASS_MAPPINGS["ConceptLabModelInfo"]()
+    node = lab.nodes.NODE_CLASS_MAPPINGS["ConceptLabModelInfo"]
     with torch.inference_mode():
-        out = node.describe(qwen.model)
-    info = json.loads(out["result"][0])
+        out = node.execute(qwen.model)
+    info = json.loads(out.result[0])
     assert info["family"] == "qwen_image" and info["family_label"] == "Qwen-Image"
     # the text stream's own K and V projections of the 3 blocks, nothing of the image stream
     assert info["kv_layers"] == 6 and info["kv_weights"] == 6 * 64 * 64
     assert info["architecture"] == "3 double-stream blocks, 64 wide (2 heads), RoPE on text and image tokens"
-    assert out["ui"]["text"][0].startswith("Qwen-Image: ") and "6 K/V layers" in out["ui"]["text"][1]
+    assert out.ui["text"][0].startswith("Qwen-Image: ") and "6 K/V layers" in out.ui["text"][1]
     names = [l.name for l in lab.model_info.concept_kv_layers(dict(qwen.model.model.diffusion_model.named_parameters()))]
     assert names == [f"transformer_blocks.{i}.attn.add_{kv}_proj.weight" for i in range(3) for kv in "kv"]
     guard.check("ConceptLab Model Info")

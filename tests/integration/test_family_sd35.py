@@ -67,10 +67,10 @@ def _meta_sd3(depth, pos_embed, x_layers=(), qk_norm=None):
 
 def test_model_info_says_sd35_and_names_the_context_kv_candidates(lab, ts, medium, large):
     guard = lab.runtime.ModelGuard.of(medium.model)
-    node = lab.pack.NODE_CLASS_MAPPINGS["ConceptLabModelInfo"]()
+    node = lab.nodes.NODE_CLASS_MAPPINGS["ConceptLabModelInfo"]
     with torch.inference_mode():
-        out = node.describe(medium.model)
-    info = json.loads(out["result"][0])
+        out = node.execute(medium.model)
+    info = json.loads(out.result[0])
     assert info["family"] == "sd3" and info["family_label"] == "SD3.5"
     assert info["architecture"] == ("MMDiT-X (image self-attention in joint blocks 0-1), 3 joint blocks, "
                                     "192 wide, RMS q/k norm")
@@ -79,7 +79,7 @@ def test_model_info_says_sd35_and_names_the_context_kv_candidates(lab, ts, mediu
     names = [l.name for l in lab.model_info.concept_kv_layers(
         dict(medium.model.model.diffusion_model.named_parameters()))]
     assert names == [f"joint_blocks.{i}.context_block.attn.qkv.weight" for i in range(3)]
-    assert out["ui"]["text"][0].startswith("SD3.5: ") and out["ui"]["text"][2] == info["architecture"]
+    assert out.ui["text"][0].startswith("SD3.5: ") and out.ui["text"][2] == info["architecture"]
     guard.check("ConceptLab Model Info (SD3.5)")
     info = lab.model_info.describe_model(large.model)
     assert info["family_label"] == "SD3.5" and info["architecture"] == "MMDiT, 3 joint blocks, 192 wide, RMS q/k norm"

@@ -183,13 +183,13 @@ def test_progress_reports_and_cancel_interrupts(lab):
 
 def test_model_info_node(lab, demo):
     guard = lab.runtime.ModelGuard.of(demo.model)
-    node = lab.pack.NODE_CLASS_MAPPINGS["ConceptLabModelInfo"]()
+    node = lab.nodes.NODE_CLASS_MAPPINGS["ConceptLabModelInfo"]
     with torch.inference_mode():
-        out = getattr(node, node.FUNCTION)(model=demo.model)
+        out = node.execute(model=demo.model)
     import json
-    info = json.loads(out["result"][0])
+    info = json.loads(out.result[0])
     assert info["family"] == "sd1" and info["kv_layers"] == 14 and info["kv_weights"] == 45056
-    assert "concept-neuron candidates" in out["ui"]["text"][1]
+    assert "concept-neuron candidates" in out.ui["text"][1]
     guard.check("ConceptLab Model Info")
 
 
