@@ -6,6 +6,7 @@
 #   bash scripts/lab.sh setup   # set-up only
 #   bash scripts/lab.sh bench <capability> [--json PATH]   # python -m benchmarks ...
 #   bash scripts/lab.sh python [ARGS]                      # this ComfyUI's environment's python
+#   bash scripts/lab.sh catalogue run JOB.toml             # a catalogue job (docs/catalogue.md)
 #
 # Which ComfyUI (default: ComfyUI 0.3.75, the newest one a package registry serves):
 #   COMFYUI_PATH=/path/to/ComfyUI   your own install or checkout (copied first if read-only)
@@ -22,6 +23,7 @@
 #                         through a .pth file. One environment cannot serve two ComfyUI versions.
 # Debian's chromium is installed with apt-get for the browser tests when running as root.
 set -euo pipefail
+CALLER_PWD=$PWD
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
 LAB=${CONCEPTLAB_HOME:-$ROOT/.lab}
@@ -169,6 +171,12 @@ case "$job" in
   python)
     setup_all
     exec "$VENV/bin/python" "$@" ;;
+  catalogue)
+    # from the caller's folder (job files name paths relative to themselves or to it); the job
+    # talks to ComfyUI over HTTP and never imports it, so the pack root on its path is harmless
+    setup_all
+    cd "$CALLER_PWD"
+    PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" exec "$VENV/bin/python" -m conceptlab_catalogue "$@" ;;
   test)
     setup_all; setup_browser
     say "running the tests against ComfyUI $("$VENV/bin/python" -c 'import sys; sys.path.insert(0, "benchmarks"); import comfy_runtime as c; print(c.comfy_version())') at $COMFYUI_PATH${CONCEPTLAB_FRONTEND:+, front end $CONCEPTLAB_FRONTEND}"
@@ -179,5 +187,5 @@ case "$job" in
     if [ "$rc" = 5 ]; then say "pytest collected no tests: that is a failure here"; exit 1; fi
     exit "$rc" ;;
   *)
-    sed -n '2,15p' scripts/lab.sh; exit 2 ;;
+    sed -n '2,16p' scripts/lab.sh; exit 2 ;;
 esac
