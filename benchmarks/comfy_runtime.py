@@ -140,6 +140,13 @@ def bootstrap(load_pack: bool = True, pytorch_attention: bool = False):
     return _STATE["pack"]
 
 
+def pack_nodes() -> dict:
+    """The pack's node classes by node id, as ComfyUI registered them (after :func:`bootstrap`)."""
+    bootstrap()
+    import nodes as comfy_nodes
+    return {k: v for k, v in comfy_nodes.NODE_CLASS_MAPPINGS.items() if k.startswith(PACK_NAME)}
+
+
 def pack_module(sub: str):
     """Import ``ConceptLab.<sub>`` after :func:`bootstrap` (e.g. ``'nodes._runtime'``)."""
     pack = bootstrap()

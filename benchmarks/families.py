@@ -42,7 +42,7 @@ class Checks:
         self.t = tiny
         pack = cr.bootstrap()
         self.rt = cr.pack_module("nodes._runtime")
-        self.nodes = pack.NODE_CLASS_MAPPINGS
+        self.nodes = cr.pack_nodes()
         self.sal = importlib.import_module(f"{pack.__name__}.nodes.saliency")
         self.cn = importlib.import_module(f"{pack.__name__}.nodes.concept_neurons")
         self.guard = self.rt.ModelGuard.of(tiny.model)
@@ -88,10 +88,10 @@ class Checks:
     # -- the checks -----------------------------------------------------------------------------
     def saliency(self):
         plain = self.sample(self.t.model)
-        cap = self.nodes["ConceptLabSaliencyCapture"]()
+        cap = self.nodes["ConceptLabSaliencyCapture"]
         for method in ("conceptattention", "crossattention"):
             with torch.inference_mode():
-                patched, rec = cap.capture(self.t.model, self.t.clip, "a red seven on the left",
+                patched, rec = cap.execute(self.t.model, self.t.clip, "a red seven on the left",
                                            "seven, left", method, "all", 0.0, 1.0)
             got = self.sample(patched)
             if not torch.equal(got, plain):

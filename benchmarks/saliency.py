@@ -72,7 +72,7 @@ def _sample(model, clip, vae, prompt, n, seed, steps, cfg):
 
 
 def _capture(sal, model, clip, prompt, words, method="auto", compare=()):
-    patched, rec = sal.ConceptLabSaliencyCapture().capture(model, clip, prompt, ", ".join(words),
+    patched, rec = sal.ConceptLabSaliencyCapture.execute(model, clip, prompt, ", ".join(words),
                                                            method, "auto", 0.0, 1.0)
     rec.compare = tuple(compare)       # e.g. raw cross-attention beside ConceptAttention
     return patched, rec

@@ -302,9 +302,9 @@ def probe_saliency_sd15(o: dict) -> dict:
         (neg,) = N.CLIPTextEncode().encode(clip, "")
     size = 128 if o["quick"] else 512
     lat = empty_latent(size)
-    cap = pack.NODE_CLASS_MAPPINGS["ConceptLabSaliencyCapture"]()
+    cap = cr.pack_nodes()["ConceptLabSaliencyCapture"]
     with torch.inference_mode():
-        patched, rec = cap.capture(model, clip, prompt, "corgi, sofa, window", "daam", "all", 0.0, 1.0)
+        patched, rec = cap.execute(model, clip, prompt, "corgi, sofa, window", "daam", "all", 0.0, 1.0)
     steps = o["steps"]
     _ksampler(model, pos, neg, lat, 1)            # warm-up: load, first-call costs
     _ksampler(patched, pos, neg, lat, 1)
@@ -392,9 +392,9 @@ def probe_saliency_flux(o: dict) -> dict:
     neg = conditioning(torch.zeros_like(cond[:, :1]), torch.zeros_like(pooled), guidance=3.5)
     size = 128 if o["quick"] else 512
     lat = empty_latent(size, 16)
-    cap = pack.NODE_CLASS_MAPPINGS["ConceptLabSaliencyCapture"]()
+    cap = cr.pack_nodes()["ConceptLabSaliencyCapture"]
     with torch.inference_mode():
-        patched, rec = cap.capture(model, clip, prompt, "corgi, sofa, window", "conceptattention", "all", 0.0, 1.0)
+        patched, rec = cap.execute(model, clip, prompt, "corgi, sofa, window", "conceptattention", "all", 0.0, 1.0)
     steps = o["steps"]
     _ksampler(model, pos, neg, lat, 1, cfg=1.0)
     _ksampler(patched, pos, neg, lat, 1, cfg=1.0)

@@ -346,10 +346,10 @@ class ConceptLabLoadDemoModel(io.ComfyNode):
             search_aliases=["demo model", "digits", "tiny model", "digits-unet", "digits-dit"],
             inputs=[io.Combo.Input("demo_model", options=list(DEMO_MODELS), default=next(iter(DEMO_MODELS)),
                                    tooltip=DEMO_MODEL_TOOLTIP)],
-            outputs=[io.Model.Output("model", display_name="model", tooltip="The demo diffusion model."),
-                     io.Clip.Output("clip", display_name="clip", tooltip="Its text encoder."),
-                     io.Vae.Output("vae", display_name="vae", tooltip="Its VAE."),
-                     io.String.Output("info", display_name="info",
+            outputs=[io.Model.Output(display_name="model", tooltip="The demo diffusion model."),
+                     io.Clip.Output(display_name="clip", tooltip="Its text encoder."),
+                     io.Vae.Output(display_name="vae", tooltip="Its VAE."),
+                     io.String.Output(display_name="info",
                                       tooltip="JSON describing which demo model was loaded and from where.")])
 
     @classmethod
@@ -384,9 +384,9 @@ class ConceptLabLoadDemoCLIPVision(io.ComfyNode):
                          "digits-world images (64x64, coloured digits on black)."),
             search_aliases=["demo clip vision", "clip vision", "image encoder", "digits"],
             inputs=[],
-            outputs=[io.ClipVision.Output("clip_vision", display_name="clip_vision",
+            outputs=[io.ClipVision.Output(display_name="clip_vision",
                                           tooltip="The demo CLIP vision model."),
-                     io.String.Output("info", display_name="info", tooltip="JSON describing which weights were loaded.")])
+                     io.String.Output(display_name="info", tooltip="JSON describing which weights were loaded.")])
 
     @classmethod
     def execute(cls):
@@ -440,8 +440,8 @@ class ConceptLabLoadDemoImages(io.ComfyNode):
             inputs=[io.Combo.Input("image_set", options=list(DEMO_IMAGE_SETS), default="eight-references",
                                    tooltip="Which pictures. " + "; ".join(f"{k}: {v}" for k, v in DEMO_IMAGE_SETS.items())
                                            + ".")],
-            outputs=[io.Image.Output("images", display_name="images", tooltip="The pictures, 64x64 each, as one batch."),
-                     io.String.Output("info", display_name="info",
+            outputs=[io.Image.Output(display_name="images", tooltip="The pictures, 64x64 each, as one batch."),
+                     io.String.Output(display_name="info",
                                       tooltip="Which pictures these are (set, count, the writers' sample numbers).")])
 
     @classmethod

@@ -48,7 +48,7 @@ class ConceptLabModelInfo(io.ComfyNode):
                             "concept neuron candidates"],
             is_output_node=True,
             inputs=[io.Model.Input("model", tooltip="Any SD1.x, SD2.x, SDXL, SD3 or Flux model.")],
-            outputs=[io.String.Output("info", display_name="info", tooltip="The same report as JSON text.")])
+            outputs=[io.String.Output(display_name="info", tooltip="The same report as JSON text.")])
 
     @classmethod
     def execute(cls, model):

@@ -36,6 +36,7 @@ import comfy.ldm.modules.attention as comfy_attention
 from ..kernels import saliency as K
 from ._runtime import UNET_FAMILIES, clone_model, fail, family_label, model_family, require_family
 from .architectures import dit_scale, dit_stream
+from ._schema import io, schema
 
 log = logging.getLogger("ConceptLab")
 
@@ -535,68 +536,70 @@ def _sigma_range(model, start: float, end: float) -> tuple:
     return float(ms.percent_to_sigma(start)), float(ms.percent_to_sigma(end))
 
 
-class ConceptLabSaliencyCapture:
-    DESCRIPTION = (
-        "Records where each word of the prompt lands in the image while you sample, with any "
-        "sampler. Put it between the model loader and the sampler, and feed its recording plus "
-        "the decoded image to 'ConceptLab Saliency Maps'. UNet models (SD1.x, SD2.x, SDXL) use "
-        "DAAM: cross-attention probabilities of the word's tokens, summed over heads, layers and "
-        "steps. Multimodal DiTs (SD3's joint blocks, Flux's double-stream blocks) use "
-        "ConceptAttention: the concept words travel through "
-        "the text stream's own weights, one way, and the maps come from attention-output dot "
-        "products. On DiTs smaller than SD3 and Flux (such as the demo DiT) 'auto' uses raw "
-        "cross-attention of the image to the concept words instead. The sampled image stays bit "
-        "for bit the same; memory does not grow with steps.")
-    CATEGORY = "ConceptLab/saliency"
-    FUNCTION = "capture"
-    RETURN_TYPES = ("MODEL", "SALIENCY_RECORDING")
-    RETURN_NAMES = ("model", "recording")
-    OUTPUT_TOOLTIPS = (
-        "The model with capture patches (a clone; the input model is unchanged). Sample with it.",
-        "The recording; connect it to 'ConceptLab Saliency Maps' together with the decoded image.")
+class ConceptLabSaliencyCapture(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(
+            node_id="ConceptLabSaliencyCapture", display_name=CAPTURE, category="ConceptLab/saliency",
+            description=(
+                "Records where each word of the prompt lands in the image while you sample, with any "
+                "sampler. Put it between the model loader and the sampler, and feed its recording plus "
+                "the decoded image to 'ConceptLab Saliency Maps'. UNet models (SD1.x, SD2.x, SDXL) use "
+                "DAAM: cross-attention probabilities of the word's tokens, summed over heads, layers and "
+                "steps. Multimodal DiTs (SD3's joint blocks, Flux's double-stream blocks) use "
+                "ConceptAttention: the concept words travel through "
+                "the text stream's own weights, one way, and the maps come from attention-output dot "
+                "products. On DiTs smaller than SD3 and Flux (such as the demo DiT) 'auto' uses raw "
+                "cross-attention of the image to the concept words instead. The sampled image stays bit "
+                "for bit the same; memory does not grow with steps."),
+            search_aliases=["DAAM", "ConceptAttention", "attention map", "cross-attention", "heatmap", "saliency",
+                            "word attribution", "where is the word"],
+            inputs=[
+                io.Model.Input("model", tooltip="The model you sample with."),
+                io.Clip.Input("clip", tooltip="The model's text encoder: finds the words' tokens "
+                                              "in the prompt (UNet) or encodes the concepts (DiT)."),
+                io.String.Input("prompt", multiline=True, default="",
+                                tooltip="The positive prompt, exactly as in your "
+                                        "CLIPTextEncode (convert the text there to an "
+                                        "input and feed both from one string). UNet "
+                                        "maps are read at these tokens."),
+                io.String.Input("concepts", default="",
+                                tooltip="Comma-separated words to map, e.g. 'seven, "
+                                        "two'. Empty: every content word of the "
+                                        "prompt. UNet: each must occur in the "
+                                        "prompt. DiT: any words (add background "
+                                        "words such as 'sky' for cleaner masks)."),
+                io.Combo.Input("method", options=list(METHODS), default="auto",
+                               tooltip="auto: DAAM on UNets; on DiTs, "
+                                       "ConceptAttention at the scale of SD3 and "
+                                       "Flux (at least 1024 wide, 12 blocks), "
+                                       "crossattention on smaller DiTs, where "
+                                       "ConceptAttention's maps miss the words. "
+                                       "crossattention (DiT only): raw image-query"
+                                       " / concept-key maps. The viewer of "
+                                       "ConceptLab Saliency Maps says which ran."),
+                io.String.Input("layers", default="auto",
+                                tooltip="Which attention layers to read, by index in "
+                                        "execution order: 'auto', 'all', '2,3', '-2,-1' "
+                                        "or '1-3'. auto: every cross-attention layer on "
+                                        "UNets (DAAM); the later half of the joint "
+                                        "(SD3) or double-stream (Flux) blocks on DiTs."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Record from this point of the sampling "
+                                       "schedule (0 = first step)."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Record up to this point (1 = last step)."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model",
+                                tooltip="The model with capture patches (a clone; the input model is unchanged). "
+                                        "Sample with it."),
+                io.Custom("SALIENCY_RECORDING").Output(display_name="recording",
+                    tooltip="The recording; connect it to 'ConceptLab Saliency Maps' together with the decoded image."),
+            ])
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": "The model you sample with."}),
-                "clip": ("CLIP", {"tooltip": "The model's text encoder: finds the words' tokens "
-                                             "in the prompt (UNet) or encodes the concepts (DiT)."}),
-                "prompt": ("STRING", {"multiline": True, "default": "",
-                                      "tooltip": "The positive prompt, exactly as in your "
-                                                 "CLIPTextEncode (convert the text there to an "
-                                                 "input and feed both from one string). UNet "
-                                                 "maps are read at these tokens."}),
-                "concepts": ("STRING", {"default": "",
-                                        "tooltip": "Comma-separated words to map, e.g. 'seven, "
-                                                   "two'. Empty: every content word of the "
-                                                   "prompt. UNet: each must occur in the "
-                                                   "prompt. DiT: any words (add background "
-                                                   "words such as 'sky' for cleaner masks)."}),
-                "method": (list(METHODS), {"default": "auto",
-                                           "tooltip": "auto: DAAM on UNets; on DiTs, "
-                                                      "ConceptAttention at the scale of SD3 and "
-                                                      "Flux (at least 1024 wide, 12 blocks), "
-                                                      "crossattention on smaller DiTs, where "
-                                                      "ConceptAttention's maps miss the words. "
-                                                      "crossattention (DiT only): raw image-query"
-                                                      " / concept-key maps. The viewer of "
-                                                      "ConceptLab Saliency Maps says which ran."}),
-                "layers": ("STRING", {"default": "auto",
-                                      "tooltip": "Which attention layers to read, by index in "
-                                                 "execution order: 'auto', 'all', '2,3', '-2,-1' "
-                                                 "or '1-3'. auto: every cross-attention layer on "
-                                                 "UNets (DAAM); the later half of the joint "
-                                                 "(SD3) or double-stream (Flux) blocks on DiTs."}),
-                "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                            "tooltip": "Record from this point of the sampling "
-                                                       "schedule (0 = first step)."}),
-                "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                          "tooltip": "Record up to this point (1 = last step)."}),
-            },
-        }
-
-    def capture(self, model, clip, prompt, concepts, method, layers, start_percent, end_percent):
+    def execute(cls, model, clip, prompt, concepts, method, layers, start_percent, end_percent):
         fam = model_family(model)
         allowed = UNET_FAMILIES + DIT_SALIENCY_FAMILIES
         require_family(CAPTURE, model, allowed, "Saliency capture")
@@ -623,14 +626,14 @@ class ConceptLabSaliencyCapture:
         hi, lo = _sigma_range(model, start_percent, end_percent)
         m = clone_model(model)
         if is_unet:
-            rec = self._patch_unet(m, dm, clip, prompt, words, method, layers, fam, hi, lo)
+            rec = cls._patch_unet(m, dm, clip, prompt, words, method, layers, fam, hi, lo)
         else:
-            rec = self._patch_dit(m, dm, clip, words, method, layers, fam, hi, lo)
+            rec = cls._patch_dit(m, dm, clip, words, method, layers, fam, hi, lo)
         rec.method_note = note
         log.info("%s: %s", CAPTURE, note)
         previous = m.model_options.get("model_function_wrapper")
         m.set_model_unet_function_wrapper(_CallWrapper(rec, previous))
-        return (m, rec)
+        return io.NodeOutput(m, rec)
 
     @staticmethod
     def _layers(text, n, default):
@@ -640,7 +643,8 @@ class ConceptLabSaliencyCapture:
             raise fail(CAPTURE, f"Bad 'layers' value '{text}': {exc}.",
                        f"Use 'auto', 'all' or indices between 0 and {n - 1}.") from None
 
-    def _patch_unet(self, m, dm, clip, prompt, words, method, layers, fam, hi, lo):
+    @classmethod
+    def _patch_unet(cls, m, dm, clip, prompt, words, method, layers, fam, hi, lo):
         if not (prompt or "").strip():
             raise fail(CAPTURE, "DAAM needs the positive prompt to find the words' tokens, and "
                        "'prompt' is empty.", "Connect or paste the positive prompt text.")
@@ -655,7 +659,7 @@ class ConceptLabSaliencyCapture:
             raise fail(CAPTURE, f"These concepts do not occur in the prompt: {', '.join(missing)}.",
                        "With a UNet, map only words that are in the prompt (or add them to it).")
         keys = unet_cross_attention_layers(dm)
-        chosen = self._layers(layers, len(keys), range(len(keys)))
+        chosen = cls._layers(layers, len(keys), range(len(keys)))
         rec = SaliencyRecording(words=words, method=method, family=fam, layers=chosen,
                                 sigma_hi=hi, sigma_lo=lo, groups=groups)
         for i in chosen:
@@ -664,14 +668,15 @@ class ConceptLabSaliencyCapture:
             m.set_model_attn2_replace(_DaamPatch(rec, prev), *key)
         return rec
 
-    def _patch_dit(self, m, dm, clip, words, method, layers, fam, hi, lo):
+    @classmethod
+    def _patch_dit(cls, m, dm, clip, words, method, layers, fam, hi, lo):
         stream = dit_stream(dm, fam)
         if stream is None:
             raise fail(CAPTURE, f"This {family_label(fam)} model has no joint (SD3) or "
                        "double-stream (Flux) blocks that ConceptAttention knows.",
                        "Use an SD3- or Flux-style model, or a UNet with DAAM.")
         n = len(stream.blocks)
-        chosen = self._layers(layers, n, range(n // 2, n))
+        chosen = cls._layers(layers, n, range(n // 2, n))
         embeds = _concept_embeddings(clip, words, stream)
         ctx_in = getattr(stream.text_in, "in_features", None)
         if ctx_in is not None and embeds.shape[-1] != ctx_in:
@@ -720,17 +725,18 @@ def _save_temp_png(array: np.ndarray, prefix: str) -> dict:
     return {"filename": name, "subfolder": "conceptlab", "type": "temp"}
 
 
-_THRESHOLD_INPUTS = {
-    "threshold_mode": (list(K.THRESHOLD_MODES), {
-        "default": "fixed",
-        "tooltip": "How maps become masks. mean: above the map's own mean (the ConceptAttention "
-                   "protocol); otsu: Otsu's threshold; fixed: above 'threshold'; argmax: the "
-                   "pixel goes to the strongest concept, if that map is above 'threshold'."}),
-    "threshold": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 1.0, "step": 0.01,
-                            "tooltip": "Used by 'fixed' and 'argmax'. Maps are 0..1 (raw maps "
-                                       "normalised; with refine = crf, each concept's "
-                                       "probability). DAAM's paper used 0.4 on raw maps."}),
-}
+def _threshold_inputs() -> list:
+    return [
+        io.Combo.Input("threshold_mode", options=list(K.THRESHOLD_MODES), default="fixed",
+                       tooltip="How maps become masks. mean: above the map's own mean (the ConceptAttention "
+                               "protocol); otsu: Otsu's threshold; fixed: above 'threshold'; argmax: the "
+                               "pixel goes to the strongest concept, if that map is above 'threshold'."),
+        io.Float.Input("threshold", default=0.5, min=0.0, max=1.0, step=0.01,
+                       tooltip="Used by 'fixed' and 'argmax'. Maps are 0..1 (raw maps "
+                               "normalised; with refine = crf, each concept's "
+                               "probability). DAAM's paper used 0.4 on raw maps."),
+    ]
+
 
 _REFINE_TOOLTIP = (
     "Image-guided refinement of the coarse (latent-grid) maps, using the decoded image. crf: a "
@@ -751,39 +757,44 @@ def image_maps(raw: torch.Tensor, rgb: torch.Tensor, blur: bool, refine: str) ->
     return coarse, K.refine_maps(coarse, rgb, refine)
 
 
-class ConceptLabSaliencyMaps:
-    DESCRIPTION = (
-        "Turns a saliency recording into per-word heat maps for the decoded image: a SALIENCY "
-        "object for downstream nodes, colour-mapped overlays (one per image and word, image-"
-        "major) and masks (same order). The coarse attention maps are refined with the image "
-        "by default (a fully connected CRF; 'refine'), so masks follow the objects' edges. The "
-        "node shows an interactive viewer: pick a word and slide the threshold.")
-    CATEGORY = "ConceptLab/saliency"
-    FUNCTION = "maps"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ("SALIENCY", "IMAGE", "MASK")
-    RETURN_NAMES = ("saliency", "overlay", "masks")
-    OUTPUT_TOOLTIPS = ("Per-word maps at image resolution, for 'ConceptLab Mask From Concept'.",
-                       "Each image with each word's heat map on top (batch = images x words).",
-                       "Each word's mask (batch = images x words, same order as the overlay).")
+class ConceptLabSaliencyMaps(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(
+            node_id="ConceptLabSaliencyMaps", display_name=MAPS, category="ConceptLab/saliency",
+            description=(
+                "Turns a saliency recording into per-word heat maps for the decoded image: a SALIENCY "
+                "object for downstream nodes, colour-mapped overlays (one per image and word, image-"
+                "major) and masks (same order). The coarse attention maps are refined with the image "
+                "by default (a fully connected CRF; 'refine'), so masks follow the objects' edges. The "
+                "node shows an interactive viewer: pick a word and slide the threshold."),
+            search_aliases=["DAAM", "ConceptAttention", "heatmap", "heat map", "attention map", "saliency map",
+                            "overlay", "mask", "segmentation"],
+            is_output_node=True,
+            inputs=[
+                io.Custom("SALIENCY_RECORDING").Input("recording", tooltip="From 'ConceptLab Saliency Capture'."),
+                io.Image.Input("images", tooltip="The decoded images of the sampling run that used "
+                                                 "the capture model (this also makes the node run "
+                                                 "after the sampler)."),
+                *_threshold_inputs(),
+                io.Boolean.Input("blur", default=False,
+                                 tooltip="3x3 blur of the latent-grid maps before upsampling "
+                                         "(smoother raw masks; with a refinement it only "
+                                         "blunts the maps, so it is off by default)."),
+                io.Combo.Input("refine", options=list(K.REFINE_METHODS), default=K.REFINE_DEFAULT,
+                               tooltip=_REFINE_TOOLTIP),
+            ],
+            outputs=[
+                io.Custom("SALIENCY").Output(display_name="saliency",
+                    tooltip="Per-word maps at image resolution, for 'ConceptLab Mask From Concept'."),
+                io.Image.Output(display_name="overlay",
+                                tooltip="Each image with each word's heat map on top (batch = images x words)."),
+                io.Mask.Output(display_name="masks",
+                               tooltip="Each word's mask (batch = images x words, same order as the overlay)."),
+            ])
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "recording": ("SALIENCY_RECORDING", {"tooltip": "From 'ConceptLab Saliency Capture'."}),
-            "images": ("IMAGE", {"tooltip": "The decoded images of the sampling run that used "
-                                            "the capture model (this also makes the node run "
-                                            "after the sampler)."}),
-            **_THRESHOLD_INPUTS,
-            "blur": ("BOOLEAN", {"default": False,
-                                 "tooltip": "3x3 blur of the latent-grid maps before upsampling "
-                                            "(smoother raw masks; with a refinement it only "
-                                            "blunts the maps, so it is off by default)."}),
-            "refine": (list(K.REFINE_METHODS), {"default": K.REFINE_DEFAULT,
-                                                "tooltip": _REFINE_TOOLTIP}),
-        }}
-
-    def maps(self, recording, images, threshold_mode, threshold, blur, refine=K.REFINE_DEFAULT):
+    def execute(cls, recording, images, threshold_mode, threshold, blur, refine=K.REFINE_DEFAULT):
         if not isinstance(recording, SaliencyRecording):
             raise fail(MAPS, f"'recording' is a {type(recording).__name__}.",
                        "Connect the 'recording' output of ConceptLab Saliency Capture.")
@@ -809,8 +820,8 @@ class ConceptLabSaliencyMaps:
                                 for j in range(len(recording.words))])
         sal = Saliency(list(recording.words), recording.method, maps, threshold_mode, threshold,
                        refine, coarse, rgb, getattr(recording, "method_note", ""))
-        ui = {"concept_lab_saliency": [self._viewer_payload(sal, rgb)]}
-        return {"ui": ui, "result": (sal, overlays, masks.flatten(0, 1))}
+        ui = {"concept_lab_saliency": [cls._viewer_payload(sal, rgb)]}
+        return io.NodeOutput(sal, overlays, masks.flatten(0, 1), ui=ui)
 
     @staticmethod
     def _viewer_payload(sal: Saliency, rgb: torch.Tensor) -> dict:
@@ -824,32 +835,32 @@ class ConceptLabSaliencyMaps:
                 "images": base, "maps": maps}
 
 
-class ConceptLabMaskFromConcept:
-    DESCRIPTION = ("One word's saliency as a MASK (one per image), e.g. to inpaint or composite "
-                   "exactly where the model put that word.")
-    CATEGORY = "ConceptLab/saliency"
-    FUNCTION = "mask"
-    RETURN_TYPES = ("MASK",)
-    RETURN_NAMES = ("mask",)
-    OUTPUT_TOOLTIPS = ("1 where the concept is, 0 elsewhere (batch = images).",)
+class ConceptLabMaskFromConcept(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(
+            node_id="ConceptLabMaskFromConcept", display_name=MASK_NODE, category="ConceptLab/saliency",
+            description=("One word's saliency as a MASK (one per image), e.g. to inpaint or composite "
+                         "exactly where the model put that word."),
+            search_aliases=["DAAM", "ConceptAttention", "mask", "word mask", "concept mask", "inpaint mask",
+                            "segmentation", "heatmap"],
+            inputs=[
+                io.Custom("SALIENCY").Input("saliency", tooltip="From 'ConceptLab Saliency Maps'."),
+                io.String.Input("concept", default="", tooltip="One of the recorded words."),
+                *_threshold_inputs(),
+                io.Int.Input("grow", default=0, min=0, max=64,
+                             tooltip="Dilate the mask by this many pixels (for inpainting)."),
+                io.Combo.Input("refine", options=["as saliency maps"] + list(K.REFINE_METHODS),
+                               default="as saliency maps",
+                               tooltip="as saliency maps: the maps exactly as 'ConceptLab Saliency Maps' "
+                                       "made them. Otherwise refine the unrefined maps again here. "
+                                       + _REFINE_TOOLTIP),
+            ],
+            outputs=[io.Mask.Output(display_name="mask",
+                                    tooltip="1 where the concept is, 0 elsewhere (batch = images).")])
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "saliency": ("SALIENCY", {"tooltip": "From 'ConceptLab Saliency Maps'."}),
-            "concept": ("STRING", {"default": "", "tooltip": "One of the recorded words."}),
-            **_THRESHOLD_INPUTS,
-            "grow": ("INT", {"default": 0, "min": 0, "max": 64,
-                             "tooltip": "Dilate the mask by this many pixels (for inpainting)."}),
-            "refine": (["as saliency maps"] + list(K.REFINE_METHODS), {
-                "default": "as saliency maps",
-                "tooltip": "as saliency maps: the maps exactly as 'ConceptLab Saliency Maps' "
-                           "made them. Otherwise refine the unrefined maps again here. "
-                           + _REFINE_TOOLTIP}),
-        }}
-
-    def mask(self, saliency, concept, threshold_mode, threshold, grow,
-             refine="as saliency maps"):
+    def execute(cls, saliency, concept, threshold_mode, threshold, grow, refine="as saliency maps"):
         if not isinstance(saliency, Saliency):
             raise fail(MASK_NODE, f"'saliency' is a {type(saliency).__name__}.",
                        "Connect the 'saliency' output of ConceptLab Saliency Maps.")
@@ -873,16 +884,7 @@ class ConceptLabMaskFromConcept:
         if grow:
             masks = torch.nn.functional.max_pool2d(masks.unsqueeze(1), 2 * grow + 1, stride=1,
                                                    padding=grow).squeeze(1)
-        return (masks,)
+        return io.NodeOutput(masks)
 
 
-NODE_CLASS_MAPPINGS = {
-    "ConceptLabSaliencyCapture": ConceptLabSaliencyCapture,
-    "ConceptLabSaliencyMaps": ConceptLabSaliencyMaps,
-    "ConceptLabMaskFromConcept": ConceptLabMaskFromConcept,
-}
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "ConceptLabSaliencyCapture": CAPTURE,
-    "ConceptLabSaliencyMaps": MAPS,
-    "ConceptLabMaskFromConcept": MASK_NODE,
-}
+NODES = [ConceptLabSaliencyCapture, ConceptLabSaliencyMaps, ConceptLabMaskFromConcept]

@@ -86,7 +86,7 @@ def test_zimage_family_and_model_info(lab, zi, cn):
     assert "2 caption-refiner, 2 noise-refiner and 2 joint layers, 256 wide, 2 heads of 128" in info["architecture"]
     note = info["candidates"]
     assert "context_refiner" in note and "text alone" in note and "one shared weight set" in note
-    lines = lab.model_info.ConceptLabModelInfo().describe(zi)["ui"]["text"]
+    lines = lab.model_info.ConceptLabModelInfo.execute(zi).ui["text"]
     assert note in lines and any("concept-neuron candidates" in l for l in lines)
     # the candidates: the caption refiner's fused QKV only (no joint, noise-refiner weight)
     assert sorted(cn.model_layers(zi)) == [CAPTION_QKV.format(i) for i in range(2)]
@@ -142,7 +142,7 @@ def _sample(lab, model, clip, steps=3, n=2, h=8, w=12, cfg=3.0):
 
 def _capture(sal, model, clip, method="auto", layers="auto"):
     with torch.inference_mode():
-        return sal.ConceptLabSaliencyCapture().capture(model, clip, PROMPT, ", ".join(WORDS),
+        return sal.ConceptLabSaliencyCapture.execute(model, clip, PROMPT, ", ".join(WORDS),
                                                        method, layers, 0.0, 1.0)
 
 

@@ -148,7 +148,7 @@ def test_saliency_capture_bit_identical(lab, sal, loaded, family, precision):
     guard = lab.runtime.ModelGuard.of(model)
     plain = _sample(lab, model, clip, family)
     with torch.inference_mode():
-        patched, rec = sal.ConceptLabSaliencyCapture().capture(model, clip, PROMPT, "seven, two", "auto", "auto",
+        patched, rec = sal.ConceptLabSaliencyCapture.execute(model, clip, PROMPT, "seven, two", "auto", "auto",
                                                                0.0, 1.0)
     img = _sample(lab, patched, clip, family)
     guard.check(f"Saliency Capture ({precision}) + sampling")

@@ -28,7 +28,7 @@ def _capture(sal, model, clip, concepts="seven, two", prompt=PROMPT, **kw):
     args = dict(method="auto", layers="auto", start_percent=0.0, end_percent=1.0)
     args.update(kw)
     with torch.inference_mode():
-        return sal.ConceptLabSaliencyCapture().capture(model, clip, prompt, concepts, **args)
+        return sal.ConceptLabSaliencyCapture.execute(model, clip, prompt, concepts, **args)
 
 
 def _centre_x(m: torch.Tensor) -> float:
@@ -52,8 +52,8 @@ def test_daam_puts_each_word_where_its_digit_is(lab, sal, demo):
     assert sum(left_of) >= 3, left_of
     # and inside the digit the judge finds: the map is higher on the digit's pixels than off it
     from benchmarks.world import judge as J
-    out = sal.ConceptLabSaliencyMaps().maps(rec, img, "fixed", 0.5, True)
-    salmaps = out["result"][0].maps
+    out = sal.ConceptLabSaliencyMaps.execute(rec, img, "fixed", 0.5, True)
+    salmaps = out.result[0].maps
     hits = []
     for i in range(4):
         for d in J.find_digits((img[i].numpy() * 255).round().astype(np.uint8)):
@@ -106,14 +106,14 @@ def test_clear_errors(lab, sal, demo):
     model, rec = _capture(sal, demo.model, demo.clip)
     img = torch.zeros(2, 64, 64, 3)
     with pytest.raises(err, match=r"\[ConceptLab Saliency Maps\] The recording is empty"):
-        sal.ConceptLabSaliencyMaps().maps(rec, img, "fixed", 0.5, True)
+        sal.ConceptLabSaliencyMaps.execute(rec, img, "fixed", 0.5, True)
     _sample(lab, model, demo.clip, demo.vae, n=2, steps=2)
     with pytest.raises(err, match="has 2 image"):
-        sal.ConceptLabSaliencyMaps().maps(rec, img[:1], "fixed", 0.5, True)
-    out = sal.ConceptLabSaliencyMaps().maps(rec, img, "fixed", 0.5, True)
+        sal.ConceptLabSaliencyMaps.execute(rec, img[:1], "fixed", 0.5, True)
+    out = sal.ConceptLabSaliencyMaps.execute(rec, img, "fixed", 0.5, True)
     with pytest.raises(err, match=r"\[ConceptLab Mask From Concept\] 'nine' was not recorded"):
-        sal.ConceptLabMaskFromConcept().mask(out["result"][0], "nine", "fixed", 0.5, 0)
-    (mask,) = sal.ConceptLabMaskFromConcept().mask(out["result"][0], "Seven", "fixed", 0.5, 2)
+        sal.ConceptLabMaskFromConcept.execute(out.result[0], "nine", "fixed", 0.5, 0)
+    (mask,) = sal.ConceptLabMaskFromConcept.execute(out.result[0], "Seven", "fixed", 0.5, 2)
     assert mask.shape == (2, 64, 64)
 
 
@@ -139,10 +139,10 @@ def test_conceptattention_leaves_the_dit_image_bit_identical(lab, sal):
         assert maps.shape == (2, 3, 8, 8)
         # softmax over concepts, averaged: every latent pixel's concept weights sum to 1
         assert torch.allclose(maps.sum(1), torch.ones(2, 8, 8), atol=1e-4)
-    out = sal.ConceptLabSaliencyMaps().maps(rec, img, "fixed", 0.5, True)
-    sal_obj, overlay, masks = out["result"]
+    out = sal.ConceptLabSaliencyMaps.execute(rec, img, "fixed", 0.5, True)
+    sal_obj, overlay, masks = out.result
     assert overlay.shape == (6, 64, 64, 3) and masks.shape == (6, 64, 64)
-    payload = out["ui"]["concept_lab_saliency"][0]
+    payload = out.ui["concept_lab_saliency"][0]
     assert payload["words"] == ["seven", "two", "red"] and len(payload["maps"][0]) == 3
 
 
@@ -152,10 +152,10 @@ def test_image_guided_refinement_fits_the_masks_to_the_digits(lab, sal, demo):
     from benchmarks.world import judge as J
     model, rec = _capture(sal, demo.model, demo.clip)
     img = _sample(lab, model, demo.clip, demo.vae, n=4)
-    node = sal.ConceptLabSaliencyMaps()
+    node = sal.ConceptLabSaliencyMaps
     req = node.INPUT_TYPES()["required"]
     assert req["refine"][1]["default"] == "crf" and req["blur"][1]["default"] is False
-    out = {r: node.maps(rec, img, "fixed", 0.5, False, r)["result"]
+    out = {r: node.execute(rec, img, "fixed", 0.5, False, r).result
            for r in ("none", "crf", "guided")}
     ious = {r: [] for r in out}
     for i in range(4):
@@ -171,17 +171,17 @@ def test_image_guided_refinement_fits_the_masks_to_the_digits(lab, sal, demo):
     sal_crf = out["crf"][0]
     assert sal_crf.refine == "crf" and torch.equal(sal_crf.images, img[..., :3].float())
     # Mask From Concept: the maps as refined, or the unrefined maps refined again here
-    mfc = sal.ConceptLabMaskFromConcept()
-    (m_same,) = mfc.mask(sal_crf, "seven", "fixed", 0.5, 0, "as saliency maps")
-    (m_crf,) = mfc.mask(sal_crf, "seven", "fixed", 0.5, 0, "crf")
-    (m_none,) = mfc.mask(sal_crf, "seven", "fixed", 0.5, 0, "none")
+    mfc = sal.ConceptLabMaskFromConcept
+    (m_same,) = mfc.execute(sal_crf, "seven", "fixed", 0.5, 0, "as saliency maps")
+    (m_crf,) = mfc.execute(sal_crf, "seven", "fixed", 0.5, 0, "crf")
+    (m_none,) = mfc.execute(sal_crf, "seven", "fixed", 0.5, 0, "none")
     assert torch.equal(m_same, out["crf"][2][0::2]) and torch.equal(m_crf, m_same)
     assert torch.equal(m_none, out["none"][2][0::2])
     err = lab.runtime.ConceptLabError
     with pytest.raises(err, match=r"\[ConceptLab Saliency Maps\] Unknown refine method 'sharp'"):
-        node.maps(rec, img, "fixed", 0.5, False, "sharp")
+        node.execute(rec, img, "fixed", 0.5, False, "sharp")
     with pytest.raises(err, match=r"\[ConceptLab Mask From Concept\] Unknown refine method"):
-        mfc.mask(sal_crf, "seven", "fixed", 0.5, 0, "sharp")
+        mfc.execute(sal_crf, "seven", "fixed", 0.5, 0, "sharp")
 
 
 def _meta_dit(family: str, **config):
@@ -239,6 +239,6 @@ def test_auto_method_follows_the_dit_scale(lab, sal, demo):
     assert rec.method_note.startswith("auto: cross-attention (SD3/SD3.5 DiT, 64 wide, 4 joint blocks")
     img = _sample(lab, patched, clip, vae, n=1, steps=4)
     guard.check("ConceptLab Saliency Capture (auto, DiT) + sampling")
-    out = sal.ConceptLabSaliencyMaps().maps(rec, img, "fixed", 0.5, False)
-    payload = out["ui"]["concept_lab_saliency"][0]
+    out = sal.ConceptLabSaliencyMaps.execute(rec, img, "fixed", 0.5, False)
+    payload = out.ui["concept_lab_saliency"][0]
     assert payload["method"] == "crossattention" and payload["method_note"] == rec.method_note

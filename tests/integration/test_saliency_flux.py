@@ -36,7 +36,7 @@ def _sample(lab, model, clip, steps=3, n=2, h=8, w=12):
 
 def _capture(sal, model, clip, method="auto", layers="auto"):
     with torch.inference_mode():
-        return sal.ConceptLabSaliencyCapture().capture(model, clip, PROMPT, ", ".join(WORDS),
+        return sal.ConceptLabSaliencyCapture.execute(model, clip, PROMPT, ", ".join(WORDS),
                                                        method, layers, 0.0, 1.0)
 
 
