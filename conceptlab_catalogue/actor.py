@@ -140,8 +140,9 @@ class ServerActor:
                 for k, img in enumerate(out.get("images", [])):
                     data = self.client.view(img["filename"], img.get("subfolder", ""), img.get("type", "output"))
                     files.append({"role": role, "n": n, "k": k, "data": data, "server_name": img["filename"]})
-        if not files:
-            raise PromptFailed("the workflow produced no images (no Save Image ran)")
+        if not files and not concept.get("name"):
+            raise PromptFailed("[ConceptLab Catalogue] The workflow produced neither images nor a concept file. "
+                               "Fix: end it with Save Image and/or ConceptLab Concept Neurons Save.")
         return {"files": files, "concept": concept}
 
     def _concept_file(self, name: str) -> dict:

@@ -50,7 +50,7 @@ class ServerSpec:
     python: str = ""
     args: list = field(default_factory=list)
     env: dict = field(default_factory=dict)
-    gpus: float = 0
+    gpus: float = -1             # -1: one GPU for a started server where Ray has GPUs, else none
     port: int = 0
     concept_dir: str = ""        # where this server's Concept Neurons Save writes, as the actor sees it
     node: str = ""               # Ray node IP the actor must run on (for concept_dir)
@@ -208,7 +208,7 @@ def parse_servers(entries: list, rel=lambda p: Path(p).resolve()) -> list:
             spec = ServerSpec(url=str(e.get("url", "")).rstrip("/"), start=str(rel(e["start"])) if e.get("start") else "",
                               python=str(e.get("python", "")), args=[str(a) for a in e.get("args", [])],
                               env={str(k): str(v) for k, v in (e.get("env") or {}).items()},
-                              gpus=float(e.get("gpus", 0)), port=int(e.get("port", 0)) + (n if e.get("port") else 0),
+                              gpus=float(e.get("gpus", -1)), port=int(e.get("port", 0)) + (n if e.get("port") else 0),
                               concept_dir=str(rel(e["concept_dir"])) if e.get("concept_dir") else "",
                               node=str(e.get("node", "")))
             spec.label = spec.url or f"start:{Path(spec.start).name}#{len(out) + 1}"

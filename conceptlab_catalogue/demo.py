@@ -111,7 +111,7 @@ def local_servers(folder: Path, count: int, threads: int = 1) -> list:
     out = []
     for i in range(count):
         base = server_base(Path(folder) / f"server{i + 1}")
-        out.append({"start": str(comfy), "args": server_args(comfy, base),
+        out.append({"start": str(comfy), "args": server_args(comfy, base), "gpus": 0,
                     "env": {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
                             "HF_HUB_OFFLINE": "1"}})
     return out

@@ -147,7 +147,10 @@ class Driver:
     def start_servers(self, specs: list) -> None:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
         log_dir = str(self.cfg.output / "servers")
+        has_gpus = self.ray.cluster_resources().get("GPU", 0) > 0
         for spec in specs:
+            if spec.gpus < 0:    # a started server gets a GPU of its own where there are GPUs
+                spec.gpus = 1.0 if spec.start and has_gpus else 0.0
             srv = Server(spec=spec, url=spec.url)
             record = self.ledger.server_record(spec.label) if spec.start else None
             adopt = record if record and record.get("state") == "up" else None
@@ -243,7 +246,7 @@ class Driver:
                 if not pending:
                     continue
                 name = pending.pop(0)["name"]
-                pid, cid, resume = uuid.uuid4().hex, uuid.uuid4().hex, False
+                pid, cid, resume = str(uuid.uuid4()), str(uuid.uuid4()), False   # 0.33 wants UUIDs
                 self.ledger.claim(name, srv.url, pid, cid)
             task = self._task(name, pid, cid, resume)
             ref = srv.actor.run.remote(task)
@@ -293,9 +296,9 @@ class Driver:
             else:
                 self._retry(name, srv, f"{type(e).__name__}: {e}", pid)
             return
-        self._store(srv, name, pid, out, time.time() - t0)
+        self._store(srv, name, pid, out)
 
-    def _store(self, srv: Server, name: str, pid: str, out: dict, seconds: float) -> None:
+    def _store(self, srv: Server, name: str, pid: str, out: dict) -> None:
         s = self.by_name[name]
         folder = self.cfg.output / "subjects" / s.slug
         outputs = []
@@ -328,7 +331,7 @@ class Driver:
         result = {"outputs": outputs, "concept": concept, "checks": checks,
                   "flagged": any(c["flags"] for c in checks), "server": out.get("server", srv.url),
                   "resumed": bool(out.get("resumed"))}
-        if self.ledger.finish(name, pid, result, seconds):
+        if self.ledger.finish(name, pid, result):
             srv.done += 1
             self.rate.one_finished()
             if result["flagged"]:

@@ -67,7 +67,8 @@ class Ledger:
 
     # -- runs ----------------------------------------------------------------------------------------
     def begin_run(self, pid: int) -> int:
-        def go(db):
+        def go(db):   # a run still 'running' here was killed (one run at a time: the job's lock)
+            db.execute("UPDATE runs SET status='killed' WHERE status='running'")
             cur = db.execute("INSERT INTO runs(started, pid, status) VALUES (?,?, 'running')", (time.time(), pid))
             return cur.lastrowid
         self.run_id = self._tx(go)
@@ -142,15 +143,17 @@ class Ledger:
             return attempt
         return self._tx(go)
 
-    def finish(self, name: str, prompt_id: str, result: dict, seconds: float) -> bool:
-        """running (this prompt) -> done with ``result``; False if it was not running it."""
+    def finish(self, name: str, prompt_id: str, result: dict) -> bool:
+        """running (this prompt) -> done with ``result``; False if it was not running it. Its
+        seconds run from the attempt's start (in an earlier run, for a rejoined prompt)."""
         def go(db):
-            cur = db.execute("UPDATE subjects SET state='done', result=?, finished_at=?, seconds=?, stale=0 "
-                             "WHERE name=? AND state='running' AND prompt_id=?",
-                             (json.dumps(result), time.time(), seconds, name, prompt_id))
+            now = time.time()
+            cur = db.execute("UPDATE subjects SET state='done', result=?, finished_at=?, seconds=?-started_at, "
+                             "stale=0 WHERE name=? AND state='running' AND prompt_id=?",
+                             (json.dumps(result), now, now, name, prompt_id))
             if cur.rowcount == 1:
-                srv = db.execute("SELECT server FROM subjects WHERE name=?", (name,)).fetchone()["server"]
-                self._event(db, name, "done", f"{seconds:.1f} s", srv)
+                row = db.execute("SELECT server, seconds FROM subjects WHERE name=?", (name,)).fetchone()
+                self._event(db, name, "done", f"{row['seconds']:.1f} s", row["server"])
             return cur.rowcount == 1
         return self._tx(go)
 
