@@ -40,6 +40,13 @@ def alias(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def storage_key(t: torch.Tensor) -> int:
+    """Which storage a tensor lives in (its aliases and views share the key). The storage object's
+    own handle, not its data pointer: tensors without data (fake tensors, used to count a job's
+    memory) all report data pointer 0."""
+    return t.untyped_storage()._cdata
+
+
 @dataclass
 class WeightView:
     """What :func:`differentiable_weights` hands back inside its block."""
@@ -135,7 +142,7 @@ def differentiable_weights(
                 owner._parameters[local] = orig
             else:
                 owner._buffers[local] = orig
-            if new._version != version and new.data_ptr() == orig.data_ptr():
+            if new._version != version and storage_key(new) == storage_key(orig):
                 written.append(local)
         # Drop our references so the aliases are freed with the graph.
         saved.clear()
@@ -147,7 +154,9 @@ def differentiable_weights(
 
 
 @contextlib.contextmanager
-def activation_snapshots(weights: Iterable[torch.Tensor] = (), view: WeightView | None = None) -> Iterator[None]:
+def activation_snapshots(weights: Iterable[torch.Tensor] = (), view: WeightView | None = None,
+                         recast: Callable[[torch.Tensor], Callable[[], torch.Tensor] | None] | None = None
+                         ) -> Iterator[None]:
     """Make code that updates activations in place (``x += f(x)``) differentiable.
 
     Autograd saves some inputs for backward and refuses, at backward time, those that were later
@@ -158,14 +167,19 @@ def activation_snapshots(weights: Iterable[torch.Tensor] = (), view: WeightView 
     them (tensors outside autograd with a weight's shape: what manual-cast ops make of fp8, fp16
     or bf16 weights on each call), with a check at backward that they were not written since.
     Snapshot bytes are added to ``view.snapshot_bytes`` when a view is given.
+
+    ``recast``: given such a weight cast, a function that makes it again (or None). With it, a
+    cast is not kept for backward at all: it is made again when backward needs it (a fp8 model
+    computing in bf16 then holds no bf16 copy of its weights during backward; the cast costs one
+    more copy per layer at backward time).
     """
     weights = list(weights)
-    keep = {w.untyped_storage().data_ptr() for w in weights}
+    keep = {storage_key(w) for w in weights}
     weight_shapes = {tuple(w.shape) for w in weights if w.dim() >= 2}
     cache: dict[tuple, tuple] = {}
 
     def pack(t: torch.Tensor):
-        if t.untyped_storage().data_ptr() in keep:
+        if storage_key(t) in keep:
             return t
         base = t if t._base is None else t._base
         if (not t.requires_grad and t.grad_fn is None and tuple(base.shape) in weight_shapes
@@ -175,6 +189,9 @@ def activation_snapshots(weights: Iterable[torch.Tensor] = (), view: WeightView 
             # second copy of the weight; save it by reference and check at backward that nothing
             # wrote to it meanwhile. Views into a larger tensor are still cloned: ComfyUI 0.33
             # casts offloaded weights into views of a cast buffer that the next layer reuses.
+            remake = recast(base) if recast is not None else None
+            if remake is not None:
+                return _Recompute(remake, t.size(), t.stride(), t.storage_offset(), t.dtype)
             return _ByReference(t, t._version)
         key = (id(t), t._version)
         hit = cache.get(key)
@@ -201,7 +218,21 @@ class _ByReference:
         self.tensor, self.version = tensor, version
 
 
+class _Recompute:
+    """A saved weight cast kept as the recipe that makes it (and the view of it that was saved)."""
+    __slots__ = ("remake", "size", "stride", "offset", "dtype")
+
+    def __init__(self, remake, size, stride, offset, dtype):
+        self.remake, self.size, self.stride, self.offset, self.dtype = remake, size, stride, offset, dtype
+
+
 def _unpack(saved):
+    if isinstance(saved, _Recompute):
+        base = saved.remake()
+        if base.dtype != saved.dtype:
+            raise RuntimeError(f"activation_snapshots: a weight cast was made again as {base.dtype}, "
+                               f"not {saved.dtype}; this is a bug in the pack (kernels/autograd.py).")
+        return base.as_strided(saved.size, saved.stride, saved.offset)
     if isinstance(saved, _ByReference):
         if saved.tensor._version != saved.version:
             raise RuntimeError(
@@ -210,3 +241,130 @@ def _unpack(saved):
                 "(kernels/autograd.py): the tensor should have been snapshotted.")
         return saved.tensor
     return saved
+
+
+# ---------------------------------------------------------------------------------------------
+# gradient checkpointing that is right for code updating activations in place
+# ---------------------------------------------------------------------------------------------
+#: What a checkpointed call keeps until backward, per call: its tensor inputs (by reference,
+#: version-checked) and how to run it again.
+class _CheckpointedCall(torch.autograd.Function):
+    """Run ``fn`` without keeping its activations; at backward, run it again with autograd (inside
+    :func:`activation_snapshots`, so in-place updates inside it differentiate correctly) and
+    back-propagate through that.
+
+    ``torch.utils.checkpoint`` (non-reentrant, what ComfyUI's own TrainLoraNode uses) keeps the
+    tensors the recomputation saves by reference, without autograd's version check: a block that
+    updates a saved activation in place afterwards (``x += attn(x)`` after a norm read ``x``, as
+    ComfyUI's transformer blocks do) then gets a wrong gradient, silently. Measured on a
+    LayerNorm + in-place add: 0.25 off in the input gradient. Here the recomputation is an
+    ordinary autograd forward under the snapshot hook, which autograd checks as usual.
+    """
+
+    @staticmethod
+    def forward(ctx, call, _anchor, *tensors):
+        ctx.call = call
+        ctx.inputs = [(t, t._version) for t in tensors]
+        # the block may update its inputs in place (Flux's blocks do: img += ...); it runs on
+        # copies, so the inputs kept for the recomputation stay what the block was given
+        flat = torch.utils._pytree.tree_flatten(call.run([_copy(t) for t in tensors]))
+        call.out_spec = flat[1]
+        call.out_items = [None if isinstance(o, torch.Tensor) else o for o in flat[0]]
+        outs = tuple(o for o in flat[0] if isinstance(o, torch.Tensor))
+        ctx.mark_non_differentiable(*[o for o in outs if not o.is_floating_point()])
+        return outs
+
+    @staticmethod
+    def backward(ctx, *grads):
+        call = ctx.call
+        leaves = []
+        for t, version in ctx.inputs:
+            if t._version != version:
+                raise RuntimeError(
+                    "checkpointed block: an input was modified in place after the block ran; its "
+                    "recomputation would differ. This is a bug in the pack (kernels/autograd.py).")
+            leaf = t.detach()
+            if t.requires_grad and t.is_floating_point():
+                leaf.requires_grad_(True)
+            leaves.append(leaf)
+        ctx.inputs = None
+        with torch.enable_grad(), activation_snapshots(call.weights, recast=call.recast):
+            # copies again: the block may update its inputs in place, which autograd refuses on
+            # a leaf that requires grad
+            out = call.run([_copy(x) for x in leaves])
+            outs = [o for o in torch.utils._pytree.tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
+            pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+            if pairs:
+                torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        return (None, None, *[x.grad if x.requires_grad else None for x in leaves])
+
+
+def _copy(t: torch.Tensor) -> torch.Tensor:
+    return t.clone() if t.is_floating_point() else t
+
+
+class _Call:
+    """One checkpointed call: its function, how to put tensors back into its arguments, and (after
+    the forward) the structure of its result."""
+    __slots__ = ("fn", "flat", "where", "spec", "weights", "recast", "out_spec", "out_items")
+
+    def __init__(self, fn, flat, spec, weights, recast):
+        self.fn, self.flat, self.spec, self.weights, self.recast = fn, flat, spec, weights, recast
+        self.where = [i for i, a in enumerate(flat) if isinstance(a, torch.Tensor)]
+        self.out_spec = self.out_items = None
+
+    def run(self, tensors):
+        items = list(self.flat)
+        for i, t in zip(self.where, tensors):
+            items[i] = t
+        args, kwargs = torch.utils._pytree.tree_unflatten(items, self.spec)
+        return self.fn(*args, **kwargs)
+
+    def result(self, outs):
+        outs = iter(outs if isinstance(outs, tuple) else (outs,))
+        items = [next(outs) if o is None else o for o in self.out_items]
+        return torch.utils._pytree.tree_unflatten(items, self.out_spec)
+
+
+def checkpointed(fn: Callable, weights: Iterable[torch.Tensor] = (), trains_inside: bool = False,
+                 recast=None) -> Callable:
+    """``fn`` (a block's forward) with gradient checkpointing that is right for in-place code
+    (see :class:`_CheckpointedCall`): with autograd on, only its tensor inputs are kept, and it
+    runs again at backward. ``weights``: the block's weights (saved by reference in the
+    recomputation, as :func:`activation_snapshots` does; ``recast`` as there). ``trains_inside``:
+    the block holds weights that collect their gradients themselves (Extract's K/V scores), so it
+    is differentiated even when no input requires grad. Without autograd it simply runs ``fn``."""
+    weights = list(weights)
+
+    def run(*args, **kwargs):
+        flat, spec = torch.utils._pytree.tree_flatten((args, kwargs))
+        tensors = [a for a in flat if isinstance(a, torch.Tensor)]
+        if not (torch.is_grad_enabled() and (trains_inside or any(t.requires_grad for t in tensors))):
+            return fn(*args, **kwargs)
+        call = _Call(fn, flat, spec, weights, recast)
+        anchor = torch.zeros((), requires_grad=trains_inside)
+        return call.result(_CheckpointedCall.apply(call, anchor, *tensors))
+
+    return run
+
+
+@contextlib.contextmanager
+def checkpointed_modules(modules: Iterable[torch.nn.Module], weights: Iterable[torch.Tensor] = (),
+                         trains: Callable[[torch.nn.Module], bool] = lambda m: False,
+                         recast=None) -> Iterator[int]:
+    """Gradient checkpointing for each of ``modules`` (:func:`checkpointed` over its forward) for
+    the duration of the ``with``; yields how many were wrapped. The wrappers are instance
+    attributes over the class's forward, removed on exit: nothing of the modules changes."""
+    weights = list(weights)
+    wrapped = []
+    try:
+        for m in modules:
+            if "forward" in vars(m):
+                continue
+            own = [p for p in m.parameters()] + [b for b in m.buffers()]
+            m.forward = checkpointed(m.forward, own or weights, trains(m), recast)
+            wrapped.append(m)
+        yield len(wrapped)
+    finally:
+        for m in wrapped:
+            del m.forward

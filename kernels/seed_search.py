@@ -284,9 +284,11 @@ def optimise_noise(z0: torch.Tensor, to_x, denoise: Denoise, sigmas: torch.Tenso
         res.curve.append(float(total.mean()))
         res.curve_parts.append({"objective": float(loss.detach().mean()), "norm": float(pen.detach().mean())})
         better = (total < best_loss) & ~stopped
-        best_z[better] = z.detach()[better].to(best_z)
-        best_loss[better] = total[better]
-        best_it[better] = it
+        # per-candidate updates as selects, not boolean indexing (no data-dependent shapes)
+        best_z = torch.where(_per_sample(better, best_z), z.detach().to(best_z), best_z)
+        best_loss = torch.where(better, total, best_loss)
+        best_it = torch.where(better, torch.full_like(best_it, it), best_it)
+        res.best_z, res.best_loss, res.best_iteration = best_z, best_loss, best_it
         rises = torch.where(total > prev, rises + 1, torch.zeros_like(rises))
         prev = total
         stopped |= rises > patience
@@ -299,12 +301,17 @@ def optimise_noise(z0: torch.Tensor, to_x, denoise: Denoise, sigmas: torch.Tenso
             break
         if it == iterations - 1:
             break
-        z.grad = (g + gp).to(z)
-        z.grad[stopped.to(z.device)] = 0
+        frozen = _per_sample(stopped.to(z.device), z)
+        z.grad = torch.where(frozen, torch.zeros_like(z), (g + gp).to(z))
         opt.step()
         with torch.no_grad():
-            z[stopped.to(z.device)] = best_z[stopped].to(z)
+            z.copy_(torch.where(frozen, best_z.to(z), z))
     return res
+
+
+def _per_sample(flags: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-sample flags (B,) shaped to broadcast over a batch like ``like`` (B, ...)."""
+    return flags.view(-1, *[1] * (like.ndim - 1))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,6 @@
 """kernels.autograd: zero-copy gradients through inference tensors (pure torch)."""
+import contextlib
+
 import pytest
 import torch
 
@@ -199,3 +201,165 @@ def test_weight_shaped_views_of_a_shared_buffer_are_still_snapshotted(K):
     xr = x.detach().clone().requires_grad_(True)
     ((xr @ w1) @ w2).sum().backward()
     assert torch.allclose(x.grad, xr.grad, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# gradient checkpointing for in-place code, and weight casts made again at backward
+# ---------------------------------------------------------------------------------------------
+class _BlockWithInPlace(torch.nn.Module):
+    """A block written as ComfyUI's are: it updates a saved activation in place (a norm read it),
+    and updates its own input in place (Flux's blocks: ``img += ...``); it returns a tensor and a
+    dict."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.lin = torch.nn.LayerNorm(8), torch.nn.Linear(8, 8)
+
+    def forward(self, x, scale=1.0, extra=None):
+        y = self.norm(x)
+        x += self.lin(y) * scale
+        return x.sin(), {"aux": y.pow(2).sum(), "extra": extra}
+
+
+def _plain_block(blk, x, scale):
+    y = blk.norm(x)
+    return (x + blk.lin(y) * scale).sin(), y.pow(2).sum()
+
+
+def _block_grads(blk, run):
+    torch.manual_seed(3)
+    x = torch.randn(4, 8, requires_grad=True)
+    out, aux = run(x * 1.0)
+    (out.pow(2).sum() + aux).backward()
+    grads = (x.grad.clone(), blk.lin.weight.grad.clone())
+    blk.zero_grad()
+    return grads
+
+
+def test_torch_checkpoint_gets_in_place_blocks_wrong(K):
+    """Why the pack has its own checkpointing: torch.utils.checkpoint (what ComfyUI's TrainLoraNode
+    patches in) keeps the recomputation's saved tensors without autograd's version check, so a
+    block that updates an activation in place after a norm read it (ComfyUI's transformer
+    blocks: ``x += attn(norm(x))``) gets a wrong gradient, silently."""
+    import torch.utils.checkpoint as ckpt
+    torch.manual_seed(0)
+    norm, lin = torch.nn.LayerNorm(8), torch.nn.Linear(8, 8)
+
+    def block(x, in_place):
+        x = x * 1.0
+        y = norm(x)
+        if in_place:
+            x += lin(y)
+        else:
+            x = x + lin(y)
+        return x.sin()
+    x = torch.randn(4, 8, requires_grad=True)
+    plain = torch.autograd.grad(block(x, False).pow(2).sum(), x)[0]
+    wrong = torch.autograd.grad(ckpt.checkpoint(block, x, True, use_reentrant=False).pow(2).sum(), x)[0]
+    assert (wrong - plain).abs().max() > 1e-2
+    with K.autograd.checkpointed_modules([]):
+        right = torch.autograd.grad(K.autograd.checkpointed(block)(x, True).pow(2).sum(), x)[0]
+    assert torch.allclose(right, plain, atol=1e-6)
+
+
+def test_checkpointed_modules_give_the_plain_gradients_and_restore_the_module(K):
+    torch.manual_seed(0)
+    blk = _BlockWithInPlace()
+    plain = _block_grads(blk, lambda x: _plain_block(blk, x, 2.0))
+    marker = object()
+
+    def run(x):
+        with K.autograd.checkpointed_modules([blk]) as n:
+            assert n == 1
+            out, d = blk(x, scale=2.0, extra=marker)
+        assert d["extra"] is marker            # non-tensor results come back as they were
+        return out, d["aux"]
+    got = _block_grads(blk, run)
+    assert "forward" not in vars(blk)
+    assert torch.equal(got[0], plain[0]) and torch.equal(got[1], plain[1])
+
+
+def test_checkpointing_keeps_only_the_inputs(K):
+    """With autograd on, a checkpointed block keeps its inputs, not its activations: the graph
+    holds no tensor made inside the block until backward runs it again."""
+    torch.manual_seed(0)
+    blocks = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(),
+                                                       torch.nn.Linear(256, 64)) for _ in range(4)])
+    x = torch.randn(32, 64, requires_grad=True)
+
+    def saved_bytes(checkpointing):
+        total = []
+
+        def pack(t):
+            total.append(t.numel() * t.element_size())
+            return t
+        with contextlib.ExitStack() as stack:
+            if checkpointing:
+                stack.enter_context(K.autograd.checkpointed_modules(list(blocks)))
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                y = blocks(x * 1.0)
+        y.sum().backward()
+        return sum(total)
+    assert saved_bytes(True) == 0 < saved_bytes(False)
+
+
+def test_a_block_that_trains_inside_is_differentiated_without_grad_inputs(K):
+    """Extract's K/V weights collect their gradients themselves; the block is still run again at
+    backward when nothing that enters it requires grad."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 8)
+    x = torch.randn(4, 8)
+    ref = torch.autograd.grad(lin(x).pow(2).sum(), lin.weight)[0]
+    lin.weight.grad = None
+    with K.autograd.checkpointed_modules([lin], trains=lambda m: True):
+        out = lin(x)
+    assert out.requires_grad
+    out.pow(2).sum().backward()
+    assert torch.allclose(lin.weight.grad, ref)
+
+
+def test_an_input_changed_after_the_block_ran_is_refused(K):
+    blk = torch.nn.Linear(8, 8)
+    x = torch.randn(4, 8, requires_grad=True)
+    h = x * 1.0
+    with K.autograd.checkpointed_modules([blk]):
+        y = blk(h)
+    h.add_(1)
+    with pytest.raises(RuntimeError, match="modified in place after the block ran"):
+        y.sum().backward()
+
+
+def test_weight_casts_made_again_at_backward_give_the_same_gradient(K, monkeypatch):
+    """``recast``: a weight cast is not kept for backward but made again when backward needs it;
+    the gradient is the same to the bit."""
+    with torch.inference_mode():
+        torch.manual_seed(2)
+        m = _CastBlock()
+    made, sources = [], {}
+
+    def forward(self, x):                  # what the node layer does: know which layer cast what
+        cast = self.weight.to(x.dtype)
+        sources[id(cast)] = self.weight
+        return torch.nn.functional.linear(x, cast)
+
+    def recast(cast):
+        source = sources.get(id(cast))
+        if source is None:
+            return None
+
+        def remake():
+            made.append(tuple(cast.shape))
+            return source.to(cast.dtype)
+        return remake
+    monkeypatch.setattr(_CastLinear, "forward", forward)
+    grads = []
+    for rc in (None, recast):
+        x = torch.randn(4, 16, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        with K.autograd.differentiable_weights(m, snapshot_saved=False) as view:
+            weights = list(m.parameters())
+            with K.autograd.activation_snapshots(weights, view, recast=rc):
+                y = m(x).pow(2).sum()
+            y.backward()
+        grads.append(x.grad)
+    assert torch.equal(grads[0], grads[1])
+    assert len(made) == 2                      # both casts were made again at backward
