@@ -9,8 +9,11 @@
   any custom node).
 - :class:`ConsoleWatch` collects console errors, page errors and warnings.
 - :func:`front_end_baseline` loads the same page from the same ComfyUI **without** the pack and
-  returns the console errors the front end logs by itself. A test then fails only on errors
-  that the pack adds, whatever front end it runs on.
+  returns the console errors the front end logs by itself (with Nodes 2.0 on or off, as the test
+  runs). A test then fails only on errors that the pack adds, whatever front end it runs on.
+- :class:`FrontEnd` is one server and one Chromium shared by the tests of a module: each test
+  opens its own page (a fresh browser context) with the user settings it needs, e.g. Nodes 2.0
+  (:data:`VUE_NODES`) on or off, or another language.
 - What is excused (:meth:`ConsoleWatch.added_by_pack`): errors in the baseline, and requests the
   front end itself makes to hosts outside this machine (the Comfy Registry, model hubs), which
   fail here because the sandbox has no internet and ComfyUI's CSP allows only its own origin.
@@ -34,8 +37,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 LOAD_TIMEOUT_MS = 90_000
 
-# Settings of a returning user, written before the server starts (read by the PyPI front ends;
-# the 2024 snapshot keeps its user folder elsewhere and does not see them).
+# Settings of a returning user, written before the server starts.
 # - Comfy.TutorialCompleted: no first-run templates dialog over the canvas.
 # - Comfy.Canvas.*: front end 1.28.8 on a fresh user sets Comfy.Canvas.LeftMouseClickBehavior /
 #   MouseWheelScroll from NavigationMode's onChange before they are registered, and throws an
@@ -60,6 +62,19 @@ BLANK_WORKFLOW_INIT_JS = """
 
 # Waits until the app has finished setup (window.app is assigned after every extension's hooks ran).
 APP_READY_JS = "() => !!(window.app && window.app.graph)"
+
+#: The front end's "Modern Node Design (Nodes 2.0)" setting: nodes drawn as Vue components (front
+#: ends 1.3x on; 1.58 switches it on by itself in its App Builder and first-run tour).
+VUE_NODES = "Comfy.VueNodes.Enabled"
+#: pytest ids of the two renderers, for ``parametrize("vue", [False, True], ids=RENDERER_IDS)``
+RENDERER_IDS = ["classic", "nodes2"]
+
+# Which renderer the page uses: whether the setting exists, its value, and the canvas's mode.
+RENDERER_JS = f"""() => {{
+  const store = window.app.extensionManager.setting;
+  return {{registered: !!(store.settings && '{VUE_NODES}' in store.settings), value: store.get('{VUE_NODES}'),
+          vueNodesMode: !!window.LiteGraph.vueNodesMode}};
+}}"""
 
 _PACK_RX = re.compile(r"concept[_ ]?lab", re.IGNORECASE)
 _PACK_SCRIPT_RX = re.compile(r"/extensions/ConceptLab/")
@@ -182,52 +197,121 @@ class ConsoleWatch:
         return out
 
 
+class FrontEnd:
+    """A real ComfyUI server (with the pack, unless ``pack=False``) and one headless Chromium,
+    shared by the tests of a module; use as a context manager.
+
+    :meth:`open` gives each test its own page in a fresh browser context (its own local and
+    session storage), after writing the user settings it asks for to the server (``POST
+    /settings``): the front end reads them when the page loads."""
+
+    def __init__(self, base: Path | None = None, pack: bool = True, settings: dict | None = None,
+                 browser=None, **server_kw):
+        self._tmp = None if base else tempfile.TemporaryDirectory(prefix="conceptlab-frontend-")
+        self.base = Path(base or self._tmp.name)
+        self.pack, self.settings, self.server_kw = pack, settings, server_kw
+        self.browser, self._own_browser = browser, browser is None   # another FrontEnd's, or ours
+        self.server = self._pw = None
+
+    def __enter__(self) -> "FrontEnd":
+        from playwright.sync_api import sync_playwright
+        seed_user(self.base, self.settings)
+        try:
+            self.server = cr.ComfyServer(base=self.base, pack=self.pack, **self.server_kw).start()
+            if self._own_browser:
+                self._pw = sync_playwright().start()
+                self.browser = launch(self._pw)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        own = self._own_browser and self.browser
+        for close in (own and self.browser.close, self._pw and self._pw.stop,
+                      self.server and self.server.stop, self._tmp and self._tmp.cleanup):
+            if close:
+                try:
+                    close()
+                except Exception:  # noqa: BLE001  (already gone)
+                    pass
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def set_settings(self, values: dict) -> None:
+        if values:
+            self.server.post("/settings", values)
+
+    def open(self, vue: bool | None = None, settings: dict | None = None, viewport=(1400, 900),
+             locale: str | None = None):
+        """A new page on the front end, loaded until the app has finished setup, with a
+        :class:`ConsoleWatch` attached from the start: ``(page, watch)``. ``vue`` sets Nodes 2.0
+        on or off first (None: leave the setting as it is); ``settings`` sets other user settings;
+        ``locale`` is the browser's language."""
+        values = dict(settings or {})
+        if vue is not None:
+            values[VUE_NODES] = bool(vue)
+        self.set_settings(values)
+        page = new_page(self.browser, viewport=viewport, locale=locale)
+        watch = ConsoleWatch().attach(page)
+        page.goto(self.url + "/", wait_until="load", timeout=LOAD_TIMEOUT_MS)
+        page.wait_for_function(APP_READY_JS, timeout=LOAD_TIMEOUT_MS)
+        return page, watch
+
+    def baseline(self, vue: bool = False) -> set:
+        """:func:`front_end_baseline` measured with this FrontEnd's browser."""
+        return front_end_baseline(vue=vue, browser=self.browser)
+
+
+def renderer(page) -> dict:
+    """Which renderer the page draws nodes with: ``{registered, value, vueNodesMode}`` (whether
+    the front end has the Nodes 2.0 setting, its value, and whether the canvas draws Vue nodes)."""
+    return page.evaluate(RENDERER_JS)
+
+
+def nodes_2_0_missing(page) -> str | None:
+    """None when this front end has Nodes 2.0, else why a Nodes 2.0 test does not apply to it."""
+    if renderer(page)["registered"]:
+        return None
+    return f"its front end {front_end_version()} has no Nodes 2.0 (no {VUE_NODES} setting)"
+
+
 _BASELINES: dict = {}
 
 
-def front_end_baseline(settle_ms: int = 4000) -> set:
-    """Console errors of a plain page load of this ComfyUI and front end, without the pack.
+def front_end_baseline(settle_ms: int = 4000, vue: bool = False, browser=None) -> set:
+    """Console errors of a plain page load of this ComfyUI and front end, without the pack, with
+    Nodes 2.0 on (``vue``) or off.
 
-    Cached per process and front end. The page is loaded as the tests load it (returning user,
-    blank last workflow) and given ``settle_ms`` to log late errors."""
-    from playwright.sync_api import sync_playwright
-    key = (str(cr.comfy_root()), os.environ.get("CONCEPTLAB_FRONT_END_ROOT", ""))
-    if key in _BASELINES:
-        return _BASELINES[key]
-    keys: set = set()
-    with tempfile.TemporaryDirectory(prefix="conceptlab-baseline-") as tmp:
-        base = Path(tmp)
-        seed_user(base)
-        # two loads: the first builds the user's files (settings saved, workflows folder), the
-        # second is a returning visit, as a reload in a test is
-        with cr.ComfyServer(base=base, pack=False) as srv, sync_playwright() as pw:
-            browser = launch(pw)
-            try:
-                page = new_page(browser)
-                watch = ConsoleWatch().attach(page)
-                page.goto(srv.url + "/", wait_until="load", timeout=LOAD_TIMEOUT_MS)
-                page.wait_for_function(APP_READY_JS, timeout=LOAD_TIMEOUT_MS)
+    Cached per process, front end and renderer; the first call measures both renderers on one
+    pack-less server (in ``browser`` if given: playwright runs one sync session per process). Each
+    page is loaded as the tests load it (returning user, blank last workflow), twice (the first
+    visit builds the user's files, the second is a returning visit, as a reload in a test is), and
+    given ``settle_ms`` to log late errors."""
+    front = (str(cr.comfy_root()), os.environ.get("CONCEPTLAB_FRONT_END_ROOT", ""))
+    if (front, vue) not in _BASELINES:
+        with FrontEnd(pack=False, browser=browser) as fe:
+            for mode in (False, True):
+                page, watch = fe.open(vue=mode)
                 page.wait_for_timeout(settle_ms)
                 page.reload(wait_until="load", timeout=LOAD_TIMEOUT_MS)
                 page.wait_for_function(APP_READY_JS, timeout=LOAD_TIMEOUT_MS)
                 page.wait_for_timeout(settle_ms)
-                keys = watch.keys()
-            finally:
-                browser.close()
-    _BASELINES[key] = keys
-    return keys
+                _BASELINES[(front, mode)] = watch.keys()
+                page.context.close()
+    return _BASELINES[(front, vue)]
 
 
 def front_end_version() -> str:
-    """The comfyui-frontend-package version the server will serve ('built-in' for the 2024 one)."""
+    """The comfyui-frontend-package version the server will serve."""
     root = os.environ.get("CONCEPTLAB_FRONT_END_ROOT")
     if root:
         m = re.search(r"frontend/([^/]+)/", root + "/")
         return m.group(1) if m else root
+    from importlib.metadata import PackageNotFoundError, version
     try:
-        from importlib.metadata import version
-        if cr.is_modern():
-            return version("comfyui-frontend-package")
-    except Exception:  # noqa: BLE001  (not installed: the built-in front end)
-        pass
-    return "built-in (2024)"
+        return version("comfyui-frontend-package")
+    except PackageNotFoundError:
+        return "unknown (comfyui-frontend-package is not installed)"

@@ -16,8 +16,10 @@
 // the viewer then says so and asks for a new run.
 //
 // Only the extension API is used (registerExtension, beforeRegisterNodeDef, onExecuted,
-// onConfigure, addDOMWidget), with the same option names (getMinHeight, getHeight) that both
-// the 2024 built-in front end and the 2025 PyPI front end (1.28) read.
+// onConfigure, addDOMWidget). It works in both renderers of the front end (1.32 and newer): on the
+// classic canvas the front end places the widget's element over the node (sized by getMinHeight /
+// getHeight); with Nodes 2.0 (Comfy.VueNodes.Enabled) it mounts the same element inside the Vue
+// node. Nothing is drawn from onDrawForeground, which Nodes 2.0 never calls.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
@@ -308,14 +310,13 @@ class SaliencyViewer {
     }
 }
 
-// Tell the 2025 front end that the graph changed (so the open workflow, including our node
-// property, is persisted for a page reload and marked modified). The 2024 front end saves the
-// whole graph to localStorage every second by itself.
+// Tell the front end that the graph changed (so the open workflow, including our node property,
+// is persisted for a page reload and marked modified).
 function noteGraphChanged() {
     try {
         app?.extensionManager?.workflow?.activeWorkflow?.changeTracker?.checkState?.();
     } catch (_) {
-        /* older or newer front end without a change tracker */
+        /* a front end without a change tracker */
     }
 }
 
