@@ -12,19 +12,20 @@ Two claims, two kinds of test:
 
 2. **The front end shows them** (``test_front_end_shows_the_pack_in``): a real server serves the
    real front end to headless Chromium, with the user's ``Comfy.Locale`` set to ``ja`` / ``zh``
-   before the page loads. Read back from the page, for every ConceptLab node: the title of its
-   registered class and of a new node, every widget's label and every socket's label (inputs and
-   named outputs), as the front end resolved them; the description, tooltips and setting texts
-   through the page's own vue-i18n instance (so a message the front end would compile differently
-   fails); and the node library's search for "ConceptLab", which must list every node under its
-   translated title. The pack may add no console error (``benchmarks/browser.py``).
+   before the page loads, in both renderers (the classic canvas and Nodes 2.0,
+   ``Comfy.VueNodes.Enabled``); one server and one browser serve the module. Read back from the
+   page, for every ConceptLab node: the title of its registered class and of a new node, every
+   widget's label and every socket's label (inputs and named outputs), as the front end resolved
+   them; in Nodes 2.0 also the title the rendered Vue node shows; the description, tooltips and
+   setting texts through the page's own vue-i18n instance (so a message the front end would
+   compile differently fails); and the node library's search for "ConceptLab", which must list
+   every node under its translated title. The pack may add no console error
+   (``benchmarks/browser.py``).
 
-Runs on ComfyUI 0.3.x / 0.33 with the PyPI front ends (1.48.7 and, with
-``CONCEPTLAB_FRONTEND=1.58.1``, 1.58.1). The 2024 snapshot has no custom-node translations (no
-``/i18n`` route, a front end without i18n): both tests skip there and say so. Front end 1.32.9
-(ComfyUI 0.3.75) loses a pack's translations for every language but English (it merges them
-before it loads the language, and loading replaces them): the front-end test skips there, with
-that reason, when the page holds the pack's English messages and not the others.
+Runs on ComfyUI 0.3.75 and newer with their PyPI front ends. Front end 1.32.9 (ComfyUI 0.3.75)
+loses a pack's translations for every language but English (it merges them before it loads the
+language, and loading replaces them): the front-end test skips there, with that reason, when the
+page holds the pack's English messages and not the others.
 """
 from __future__ import annotations
 
@@ -32,7 +33,6 @@ import importlib
 import json
 import pathlib
 import sys
-import urllib.error
 import urllib.request
 
 import pytest
@@ -54,17 +54,9 @@ def _sync():
     return importlib.import_module("benchmarks.locales")
 
 
-def _skip_without_i18n(url: str) -> None:
-    version = cr.comfy_version()
-    if not cr.is_modern():
-        pytest.skip(f"ComfyUI {version} has no custom-node translations: no /i18n "
-                    "route and a built-in front end without i18n; locales/ is checked on ComfyUI 0.3.x")
-    try:
-        with urllib.request.urlopen(url + "/i18n", timeout=30) as r:
-            data = json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        pytest.skip(f"ComfyUI {version} serves no /i18n (HTTP {e.code}): no custom-node translations")
-    return data
+def _i18n(url: str) -> dict:
+    with urllib.request.urlopen(url + "/i18n", timeout=30) as r:
+        return json.loads(r.read())
 
 
 def _load(lang: str, name: str) -> dict:
@@ -75,7 +67,7 @@ def _load(lang: str, name: str) -> dict:
 # 1. the files
 # ------------------------------------------------------------------------------------------------
 def test_locale_files_cover_every_node(server, object_info):
-    served = _skip_without_i18n(server.url)
+    served = _i18n(server.url)
     sync = _sync()
     problems = sync.check(object_info)
     assert not problems, (f"{len(problems)} problem(s) in locales/ against ComfyUI {cr.comfy_version()}'s "
@@ -98,16 +90,19 @@ def test_locale_files_cover_every_node(server, object_info):
 # ------------------------------------------------------------------------------------------------
 # What the front end made of every ConceptLab node, and its i18n messages for them.
 READ_NODES_JS = """
-([types, settingKey]) => {
+async ([types, settingKey]) => {
   const g = document.querySelector('#vue-app').__vue_app__.config.globalProperties;
   const locale = g.$i18n.locale;
   const t = (k) => (g.$te(k, locale) ? g.$t(k) : null);
   const out = {locale, nodes: {}, setting: {
     name: t(`settings.${settingKey}.name`), tooltip: t(`settings.${settingKey}.tooltip`)}};
-  for (const type of types) {
+  const added = [];
+  for (const [i, type] of types.entries()) {
     const cls = window.LiteGraph.registered_node_types[type];
     const node = window.LiteGraph.createNode(type);
     window.app.graph.add(node);
+    node.pos = [40 + 260 * (i % 5), 40 + 320 * Math.floor(i / 5)];
+    added.push([type, node]);
     const k = `nodeDefs.${type}`;
     const tm = g.$tm(k);
     const def = tm && typeof tm === 'object' ? tm : {};
@@ -124,9 +119,17 @@ READ_NODES_JS = """
       description: t(`${k}.description`),
       tooltips: tips,
       outputTooltips: outTips,
+      rendered: null,
     };
-    window.app.graph.remove(node);
   }
+  if (window.LiteGraph.vueNodesMode) {   // Nodes 2.0: what the Vue nodes show
+    await new Promise((r) => setTimeout(r, 800));
+    for (const [type, node] of added) {
+      const el = document.querySelector(`[data-node-id="${node.id}"]`);
+      out.nodes[type].rendered = el ? el.innerText.split('\\n').map((t) => t.trim()).filter((t) => t) : null;
+    }
+  }
+  for (const [, node] of added) window.app.graph.remove(node);
   return out;
 }
 """
@@ -171,54 +174,56 @@ def _search_node_library(page, text: str) -> str:
     return page.evaluate("() => document.body.innerText")
 
 
-@pytest.mark.parametrize("lang", ["ja", "zh"])
-def test_front_end_shows_the_pack_in(lang, tmp_path):
+@pytest.fixture(scope="module")
+def front_end():
     why = br.preflight()
     if why:
         pytest.skip(why)
-    from playwright.sync_api import sync_playwright
-    if not cr.is_modern():
-        _skip_without_i18n("")
-    version, front_end = cr.comfy_version(), br.front_end_version()
+    with br.FrontEnd() as fe:
+        yield fe
+
+
+@pytest.mark.parametrize("vue", [False, True], ids=br.RENDERER_IDS)
+@pytest.mark.parametrize("lang", ["ja", "zh"])
+def test_front_end_shows_the_pack_in(lang, vue, front_end, tmp_path):
+    version, front = cr.comfy_version(), br.front_end_version()
     node_defs = _load(lang, "nodeDefs.json")
     english = _load("en", "nodeDefs.json")
     setting = _load(lang, "settings.json")
     setting_key = next(iter(setting))
     categories = _load(lang, "main.json")["nodeCategories"]
-    baseline = br.front_end_baseline()
+    baseline = front_end.baseline(vue)
 
-    base = tmp_path / "comfy"
-    br.seed_user(base, extra={"Comfy.Locale": lang})
-    with cr.ComfyServer(base=base) as srv, sync_playwright() as pw:
-        _skip_without_i18n(srv.url)
-        browser = br.launch(pw)
+    page, watch = front_end.open(vue=vue, settings={"Comfy.Locale": lang})
+    try:
+        if vue and br.nodes_2_0_missing(page):
+            skip_version(br.nodes_2_0_missing(page))
+        first = sorted(node_defs)[0]
         try:
-            page, watch = br.open_app(browser, srv.url)
-            first = sorted(node_defs)[0]
-            try:
-                page.wait_for_function(
-                    "([type, title]) => window.LiteGraph.registered_node_types[type]?.title === title",
-                    arg=[first, node_defs[first]["display_name"]], timeout=30_000)
-            except Exception as e:  # noqa: BLE001
-                shot = tmp_path / "locale.png"
-                page.screenshot(path=str(shot))
-                held = page.evaluate(HELD_JS, f"nodeDefs.{first}.display_name")
-                if held["en"] and not held["here"] and _older_than(front_end, (1, 48)):
-                    skip_version(
-                        f"its front end {front_end} drops custom-node translations for a language it loads "
-                        f"lazily: it merges /i18n into '{lang}' at start-up, then loading '{lang}' replaces "
-                        "those messages (setLocaleMessage); the English ones, loaded eagerly, survive. "
-                        "Front end 1.48 keeps them (mergeCustomNodesI18n). The files are checked by "
-                        "test_locale_files_cover_every_node.")
-                pytest.fail(f"the front end never showed {first} as {node_defs[first]['display_name']!r} ({e}); "
-                            f"screenshot {shot}\nconsole errors: {watch.errors}")
-            seen = page.evaluate(READ_NODES_JS, [sorted(node_defs), setting_key])
-            library = _search_node_library(page, NODE_PREFIX)
-            page.wait_for_timeout(500)   # late console errors
-        finally:
-            browser.close()
+            page.wait_for_function(
+                "([type, title]) => window.LiteGraph.registered_node_types[type]?.title === title",
+                arg=[first, node_defs[first]["display_name"]], timeout=30_000)
+        except Exception as e:  # noqa: BLE001
+            shot = tmp_path / "locale.png"
+            page.screenshot(path=str(shot))
+            held = page.evaluate(HELD_JS, f"nodeDefs.{first}.display_name")
+            if held["en"] and not held["here"] and _older_than(front, (1, 48)):
+                skip_version(
+                    f"its front end {front} drops custom-node translations for a language it loads "
+                    f"lazily: it merges /i18n into '{lang}' at start-up, then loading '{lang}' replaces "
+                    "those messages (setLocaleMessage); the English ones, loaded eagerly, survive. "
+                    "Front end 1.48 keeps them (mergeCustomNodesI18n). The files are checked by "
+                    "test_locale_files_cover_every_node.")
+            pytest.fail(f"the front end never showed {first} as {node_defs[first]['display_name']!r} ({e}); "
+                        f"screenshot {shot}\nconsole errors: {watch.errors}")
+        assert br.renderer(page)["vueNodesMode"] is vue
+        seen = page.evaluate(READ_NODES_JS, [sorted(node_defs), setting_key])
+        library = _search_node_library(page, NODE_PREFIX)
+        page.wait_for_timeout(500)   # late console errors
+    finally:
+        page.context.close()
 
-    where = f"ComfyUI {version}, front end {front_end}, locale {lang}"
+    where = f"ComfyUI {version}, front end {front}, locale {lang}, {br.RENDERER_IDS[vue]} renderer"
     assert seen["locale"] == lang, where
     assert seen["setting"] == setting[setting_key], where
     wrong = []
@@ -246,6 +251,8 @@ def test_front_end_shows_the_pack_in(lang, tmp_path):
                 wrong.append(f"{type_} output {idx} ({slot['name']}): label {slot['label']!r}, want {spec['name']!r}")
             if got["outputTooltips"].get(idx) != spec.get("tooltip"):
                 wrong.append(f"{type_} output {idx}: tooltip {got['outputTooltips'].get(idx)!r}")
+        if vue and (got["rendered"] is None or want["display_name"] not in got["rendered"]):
+            wrong.append(f"{type_}: the Vue node shows {got['rendered']!r}, not the title {want['display_name']!r}")
         if want["display_name"] not in library:
             wrong.append(f"{type_}: the node library's search for {NODE_PREFIX!r} does not list "
                          f"{want['display_name']!r}")

@@ -11,16 +11,16 @@ templates ``mediaSubtype: 'jpg'``), so every ``example_workflows/<name>.json`` n
 - ``test_every_example_workflow_has_a_thumbnail``: the files: one JPEG per workflow, none without
   one, 256-320 px wide, small.
 - ``test_template_browser_shows_the_thumbnails``: a real server and its front end in headless
-  Chromium. The browser is opened as a user opens it (the front end's ``Comfy.BrowseTemplates``
-  command, what the Workflow menu's *Browse Templates* runs), the pack's category (*ConceptLab*,
-  under Extensions) is picked, and for every template its card must be listed with its thumbnail
-  loaded: the card's <img> has
-  finished loading with ``naturalWidth > 0`` and the thumbnail file's size; the page fetched
+  Chromium, in both renderers (the classic canvas and Nodes 2.0, ``Comfy.VueNodes.Enabled``); one
+  server and one browser serve the module. The browser is opened as a user opens it (the front
+  end's ``Comfy.BrowseTemplates`` command, what the Workflow menu's *Browse Templates* runs), the
+  pack's category (*ConceptLab*, under Extensions) is picked, and for every template its card must
+  be listed with its thumbnail loaded: the card's <img> has finished loading with
+  ``naturalWidth > 0`` and the thumbnail file's size; the page fetched
   ``/api/workflow_templates/ConceptLab/<name>.jpg`` (200) for each (the front ends show it through
-  a ``blob:`` URL of what they fetched), and no thumbnail request failed. The pack may add no
-  console error.
-
-The 2024 snapshot has no template browser for custom nodes: the browser test skips there.
+  a ``blob:`` URL of what they fetched), and no thumbnail request failed. Then one template is
+  opened from its card, as a user does: its nodes are in the graph (and, in Nodes 2.0, drawn as Vue
+  nodes, the pack's marked as such). The pack may add no console error.
 """
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ import sys
 import urllib.request
 
 import pytest
+
+from conftest import skip_version
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "example_workflows"
@@ -76,60 +78,84 @@ LISTED_JS = """
 """
 
 
-def test_template_browser_shows_the_thumbnails(tmp_path):
+OPENED = "saliency_unet_heatmaps"     # the template opened from its card
+
+# The graph the front end opened: its node types, and which of them Nodes 2.0 drew.
+OPENED_JS = """
+async () => {
+  await new Promise((r) => setTimeout(r, window.LiteGraph.vueNodesMode ? 800 : 0));
+  const nodes = window.app.graph._nodes;
+  return {types: nodes.map((n) => n.comfyClass || n.type).sort(),
+          drawn: nodes.filter((n) => document.querySelector(`[data-node-id="${n.id}"]`)).length};
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def front_end():
     why = br.preflight()
     if why:
         pytest.skip(why)
-    from playwright.sync_api import sync_playwright
-    version, front_end = cr.comfy_version(), br.front_end_version()
-    if not cr.is_modern():
-        pytest.skip(f"ComfyUI {version} has no template browser for custom-node "
-                    "example workflows (no /workflow_templates route, built-in front end)")
-    baseline = br.front_end_baseline()
+    with br.FrontEnd() as fe:
+        yield fe
 
-    base = tmp_path / "comfy"
-    br.seed_user(base)
-    with cr.ComfyServer(base=base) as srv, sync_playwright() as pw:
-        with urllib.request.urlopen(srv.url + "/workflow_templates", timeout=30) as r:
-            served = json.loads(r.read())
-        assert sorted(served.get(PACK, [])) == NAMES, served
-        browser = br.launch(pw)
-        try:
-            answers = []
-            page, watch = br.open_app(browser, srv.url)
-            # thumbnails are only requested once the template browser opens
-            page.on("response", lambda r: answers.append((r.status, r.url))
-                    if f"/workflow_templates/{PACK}/" in r.url else None)
-            # as a user does: Workflow menu -> Browse Templates runs this command
-            page.evaluate("async () => { await window.app.extensionManager.command.execute('Comfy.BrowseTemplates'); }")
-            dialog = page.get_by_role("dialog")
-            category = dialog.get_by_text(PACK, exact=True).first
-            category.wait_for(state="visible", timeout=30_000)
-            category.click()
-            page.wait_for_function(
-                "(n) => document.querySelectorAll('[role=\"dialog\"] [data-testid^=\"template-workflow-\"]').length >= n",
-                arg=len(NAMES), timeout=30_000)
-            listed = page.evaluate(LISTED_JS)
-            # each card in view in turn (thumbnails load lazily, and some front ends unload the
-            # ones scrolled away), its thumbnail given time to load, then read
-            cards = {}
-            for name in NAMES:
-                card = page.locator(f'[role="dialog"] [data-testid="template-workflow-{name}"]')
-                if not card.count():
-                    continue
-                card.scroll_into_view_if_needed()
-                try:
-                    page.wait_for_function(CARD_LOADED_JS, arg=name, timeout=15_000)
-                except Exception:  # noqa: BLE001  (reported below)
-                    pass
-                cards[name] = page.evaluate(CARD_JS, name)
-            shot = tmp_path / "templates.png"
-            page.screenshot(path=str(shot))
-            page.wait_for_timeout(500)
-        finally:
-            browser.close()
 
-    where = f"ComfyUI {version}, front end {front_end}; screenshot {shot}"
+@pytest.mark.parametrize("vue", [False, True], ids=br.RENDERER_IDS)
+def test_template_browser_shows_the_thumbnails(front_end, vue, tmp_path):
+    version, front = cr.comfy_version(), br.front_end_version()
+    baseline = front_end.baseline(vue)
+    with urllib.request.urlopen(front_end.url + "/workflow_templates", timeout=30) as r:
+        served = json.loads(r.read())
+    assert sorted(served.get(PACK, [])) == NAMES, served
+    answers = []
+    page, watch = front_end.open(vue=vue)
+    try:
+        if vue and br.nodes_2_0_missing(page):
+            skip_version(br.nodes_2_0_missing(page))
+        # thumbnails are only requested once the template browser opens
+        page.on("response", lambda r: answers.append((r.status, r.url))
+                if f"/workflow_templates/{PACK}/" in r.url else None)
+        # as a user does: Workflow menu -> Browse Templates runs this command
+        page.evaluate("async () => { await window.app.extensionManager.command.execute('Comfy.BrowseTemplates'); }")
+        dialog = page.get_by_role("dialog")
+        category = dialog.get_by_text(PACK, exact=True).first
+        category.wait_for(state="visible", timeout=30_000)
+        category.click()
+        page.wait_for_function(
+            "(n) => document.querySelectorAll('[role=\"dialog\"] [data-testid^=\"template-workflow-\"]').length >= n",
+            arg=len(NAMES), timeout=30_000)
+        listed = page.evaluate(LISTED_JS)
+        # each card in view in turn (thumbnails load lazily, and some front ends unload the ones
+        # scrolled away), its thumbnail given time to load, then read
+        cards = {}
+        for name in NAMES:
+            card = page.locator(f'[role="dialog"] [data-testid="template-workflow-{name}"]')
+            if not card.count():
+                continue
+            card.scroll_into_view_if_needed()
+            try:
+                page.wait_for_function(CARD_LOADED_JS, arg=name, timeout=15_000)
+            except Exception:  # noqa: BLE001  (reported below)
+                pass
+            cards[name] = page.evaluate(CARD_JS, name)
+        shot = tmp_path / "templates.png"
+        page.screenshot(path=str(shot))
+        # open one template from its card, as a user does
+        page.locator(f'[role="dialog"] [data-testid="template-workflow-{OPENED}"]').click()
+        page.wait_for_function("(n) => window.app.graph._nodes.length >= n",
+                               arg=len(json.loads((EXAMPLES / f"{OPENED}.json").read_text())["nodes"]),
+                               timeout=30_000)
+        opened = page.evaluate(OPENED_JS)
+        rendering = br.renderer(page)
+        page.wait_for_timeout(500)
+    finally:
+        page.context.close()
+
+    want_types = sorted(n["type"] for n in json.loads((EXAMPLES / f"{OPENED}.json").read_text())["nodes"])
+    assert rendering["vueNodesMode"] is vue, rendering
+    assert opened["types"] == want_types, (opened, want_types)
+    assert opened["drawn"] == (len(want_types) if vue else 0), opened
+    where = f"ComfyUI {version}, front end {front}, {br.RENDERER_IDS[vue]} renderer; screenshot {shot}"
     assert sorted(listed) == NAMES, f"the {PACK} category lists {sorted(listed)}, not {NAMES} ({where})"
     from PIL import Image
     wrong = []
