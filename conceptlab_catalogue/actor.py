@@ -50,10 +50,7 @@ class ServerActor:
             self.concept_dir = self.concept_dir or self.local.concept_dir
         if not self.client.alive():
             raise ServerLost(f"{self.url} does not answer (is ComfyUI running there?)")
-        stats = self.client.system_stats() or {}
-        return {"url": self.url, "pid": self.local.pid if self.local else 0, "node_id": _node_id(),
-                "comfyui": (stats.get("system") or {}).get("comfyui_version", "?"),
-                "concept_dir": self.concept_dir}
+        return self.info()
 
     def stop(self) -> None:
         if self.local is not None:
@@ -74,7 +71,10 @@ class ServerActor:
         return self.client is not None and self.client.alive()
 
     def info(self) -> dict:
-        return {"url": self.url, "pid": self.local.pid if self.local else 0}
+        stats = self.client.system_stats() if self.client is not None else {}
+        return {"url": self.url, "pid": self.local.pid if self.local else 0, "node_id": _node_id(),
+                "comfyui": ((stats or {}).get("system") or {}).get("comfyui_version", "?"),
+                "concept_dir": self.concept_dir}
 
     def object_info(self, types) -> dict:
         return self.client.object_info(sorted(types))
@@ -188,11 +188,15 @@ def _stop_stale(pid: int) -> None:
         pass
 
 
-def remote_class(ray, spec: dict):
+def remote_class(ray, spec: dict, node_id: str = ""):
     """:class:`ServerActor` as a Ray actor class with the resources ``spec`` needs: a GPU for a
     server it starts with ``gpus``, and the node it must run on (``node``: an IP, for a
-    ``concept_dir`` only that node sees)."""
-    opts = {"num_cpus": 0, "max_concurrency": 4, "max_restarts": 2, "num_gpus": float(spec.get("gpus") or 0)}
+    ``concept_dir`` only that node sees; ``node_id``: where a killed run's server may still
+    run, if that node is still there)."""
+    opts = {"num_cpus": 0, "max_concurrency": 4, "max_restarts": 2, "num_gpus": max(float(spec.get("gpus") or 0), 0.0)}
     if spec.get("node"):
         opts["resources"] = {f"node:{spec['node']}": 0.001}
+    elif node_id:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=True)
     return ray.remote(ServerActor).options(**opts)

@@ -11,6 +11,10 @@ photos and settings:
 
 Throughput is subjects per second from the first subject's start to the last one's end (server
 start-up excluded: a long job pays it once). The figure is the ratio 2 / 1.
+
+Other programs on the machine take cores from the servers, so each phase also records what the
+whole machine's CPUs did (``/proc/stat``) and what the phase's ComfyUI servers used (their CPU
+time): two servers can only be twice as fast as one when two cores are free for them.
 """
 from __future__ import annotations
 
@@ -24,6 +28,52 @@ from pathlib import Path
 from . import demo
 from .job import run
 
+class CpuMonitor:
+    """Cores busy on the whole machine, and CPU seconds of this process's ComfyUI descendants
+    (the servers the job starts), over the ``with`` block."""
+
+    def __init__(self, every: float = 0.5):
+        self.every, self.servers = every, {}
+
+    @staticmethod
+    def _stat() -> tuple:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        idle = v[3] + v[4]
+        return sum(v) - idle, sum(v)
+
+    def _sample(self):
+        import psutil
+        for p in psutil.Process().children(recursive=True):
+            try:
+                if any(a.endswith("main.py") for a in p.cmdline()):
+                    t = p.cpu_times()
+                    self.servers[p.pid] = t.user + t.system
+            except psutil.Error:
+                pass
+
+    def _loop(self):
+        while not self._stop.wait(self.every):
+            self._sample()
+
+    def __enter__(self):
+        import threading
+        self.t0, (self.busy0, self.total0) = time.time(), self._stat()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        busy, total = self._stat()
+        wall = time.time() - self.t0
+        ncpu = os.cpu_count() or 1
+        self.machine_cores = ncpu * (busy - self.busy0) / max(total - self.total0, 1)
+        self.server_cores = sum(self.servers.values()) / max(wall, 1e-6)
+
+
 PHASES = (("one server, 1 thread", 1, 1), ("two servers, 1 thread each", 2, 1), ("one server, 2 threads", 1, 2))
 
 
@@ -36,14 +86,19 @@ def measure(folder: Path, n_subjects: int, phases=PHASES, progress: bool = True)
         job = demo.demo_job(work, demo.local_servers(work / "servers", servers, threads), name="bench")
         job["subjects"] = str(folder / "subjects")
         t0 = time.time()
-        s = run(job, progress=progress)
+        with CpuMonitor() as cpu:
+            s = run(job, progress=progress)
         if s.counts["done"] != n_subjects:
             raise RuntimeError(f"phase '{label}': {s.counts} (see {s.report})")
         results.append({"phase": label, "servers": servers, "threads_per_server": threads,
                         "subjects": s.finished_here, "work_seconds": round(s.work_seconds, 2),
-                        "subjects_per_hour": round(3600 * s.rate, 1), "wall_seconds": round(time.time() - t0, 1)})
+                        "subjects_per_hour": round(3600 * s.rate, 1), "wall_seconds": round(time.time() - t0, 1),
+                        "machine_busy_cores": round(cpu.machine_cores, 2),
+                        "comfyui_cores": round(cpu.server_cores, 2),
+                        "other_programs_cores": round(max(cpu.machine_cores - cpu.server_cores, 0.0), 2)})
         if progress:
-            print(f"[bench] {label}: {n_subjects} subjects in {s.work_seconds:.1f} s = {3600 * s.rate:.0f}/hour")
+            print(f"[bench] {label}: {n_subjects} subjects in {s.work_seconds:.1f} s = {3600 * s.rate:.0f}/hour "
+                  f"(machine {cpu.machine_cores:.2f} cores busy, its ComfyUI servers {cpu.server_cores:.2f})")
     one, two = results[0]["subjects_per_hour"], results[1]["subjects_per_hour"]
     import ray
     return {"command": f"bash scripts/lab.sh catalogue bench --subjects {n_subjects}",

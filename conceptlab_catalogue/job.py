@@ -140,12 +140,11 @@ class Driver:
         self.status = "finished"
         self.rate = Rate()
         self.bar = ProgressLine(len(subjects), stream=stream, enabled=progress)
-        self._report_due = 0.0
+        self._report_due = self._progress_due = 0.0
         self._dirty = True
 
     # -- servers -----------------------------------------------------------------------------------
     def start_servers(self, specs: list) -> None:
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
         log_dir = str(self.cfg.output / "servers")
         has_gpus = self.ray.cluster_resources().get("GPU", 0) > 0
         for spec in specs:
@@ -154,9 +153,7 @@ class Driver:
             srv = Server(spec=spec, url=spec.url)
             record = self.ledger.server_record(spec.label) if spec.start else None
             adopt = record if record and record.get("state") == "up" else None
-            cls = remote_class(self.ray, spec.to_dict())
-            if adopt and adopt.get("node_id"):
-                cls = cls.options(scheduling_strategy=NodeAffinitySchedulingStrategy(adopt["node_id"], soft=True))
+            cls = remote_class(self.ray, spec.to_dict(), (adopt or {}).get("node_id", ""))
             srv.actor = cls.remote(spec.to_dict(), log_dir)
             srv.start_ref = srv.actor.start.remote(adopt)
             self.servers.append(srv)
@@ -190,6 +187,8 @@ class Driver:
             raise JobError(f"{ERR} The server {srv.url} lacks the node(s) {', '.join(missing)} the catalogue "
                            "graph needs. Fix: update that ComfyUI.")
         self.templates = Templates(info)
+        self.templates.check_inputs("ConceptLabConceptNeuronsExtract", self.cfg.extract, "extract")
+        self.templates.check_inputs("ConceptLabSeedSearch", self.cfg.seed_search, "seed_search")
         if wf_raw is not None:
             self.workflow = load_workflow(self.cfg.workflow, info)
 
@@ -248,7 +247,12 @@ class Driver:
                 name = pending.pop(0)["name"]
                 pid, cid, resume = str(uuid.uuid4()), str(uuid.uuid4()), False   # 0.33 wants UUIDs
                 self.ledger.claim(name, srv.url, pid, cid)
-            task = self._task(name, pid, cid, resume)
+            try:
+                task = self._task(name, pid, cid, resume)
+            except OSError as e:      # a photo went missing or unreadable since the job started
+                self.ledger.fail(name, f"{ERR} Subject '{name}': a photo could not be read ({e}). Fix: restore "
+                                 "it, then run the job again.", pid)
+                continue
             ref = srv.actor.run.remote(task)
             self.inflight[ref] = (srv, name, pid, time.time())
             srv.busy = name
@@ -363,7 +367,7 @@ class Driver:
                 if ok:
                     info = self.ray.get(srv.actor.info.remote())
                     self.bar.message(f"[catalogue] server {info['url']} answers again: it takes subjects again")
-                    self._server_up(srv, {**info, "comfyui": srv.comfyui, "node_id": ""})
+                    self._server_up(srv, info)
                 else:
                     srv.next_probe = time.time() + PROBE_EVERY
         for ref in [r for r in self.inflight if r in ready]:
@@ -382,8 +386,11 @@ class Driver:
                 srv.probe_ref = srv.actor.health.remote()
 
     def _refresh(self, force: bool = False) -> None:
+        ask = time.time() >= self._progress_due
+        if ask:
+            self._progress_due = time.time() + 2.0
         for srv in self.servers:
-            if srv.busy is not None and srv.state == "up":
+            if ask and srv.busy is not None and srv.state == "up":
                 try:
                     ready, _ = self.ray.wait([p := srv.actor.progress.remote()], timeout=0.2)
                     if ready:

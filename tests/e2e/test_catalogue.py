@@ -123,7 +123,14 @@ def two_server_run(catalogue, demo):
     old = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"        # one torch thread per server: two fit 2 cores
     try:
-        servers = [cr.ComfyServer().start(), cr.ComfyServer().start()]
+        from concurrent.futures import ThreadPoolExecutor
+        servers = [cr.ComfyServer(), cr.ComfyServer()]
+        with ThreadPoolExecutor(2) as pool:        # started side by side
+            started = [pool.submit(s.start) for s in servers]
+        if any(f.exception() for f in started):
+            for s in servers:
+                s.stop()
+            raise next(f.exception() for f in started if f.exception())
     finally:
         if old is None:
             os.environ.pop("OMP_NUM_THREADS", None)
