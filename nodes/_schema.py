@@ -27,6 +27,34 @@ HAS_SEARCH_ALIASES = "search_aliases" in {f.name for f in dataclasses.fields(io.
 ADVANCED = {"advanced": True} if "advanced" in inspect.signature(io.Combo.Input.__init__).parameters else {}
 
 
+def _v3_combos_checked() -> bool:
+    """Whether ComfyUI's prompt validation refuses a value outside a V3 combo's options (0.33), or
+    only outside a combo declared the V1 way, with the options list as its type (0.3.75)."""
+    try:
+        import execution
+        return "Combo.io_type" in inspect.getsource(execution.validate_inputs)
+    except Exception:  # noqa: BLE001  (unreadable source: declare combos the V1 way, checked everywhere)
+        return False
+
+
+V3_COMBOS_CHECKED = _v3_combos_checked()
+
+
+class _ListCombo(io.Combo.Input):
+    """A combo whose type is its options list, as V1 declares combos: the form every ComfyUI's
+    validation checks a value against."""
+
+    def get_io_type(self):
+        return list(self.options)
+
+
+def combo(id: str, options, **kw) -> io.Combo.Input:
+    """A combo input (``io.Combo.Input``). Where ComfyUI validates only V1-style combos (0.3.75),
+    it is declared the V1 way, so that a value outside the menu (a typo in a /prompt call, a file
+    that is gone) is still refused before the prompt runs, with ComfyUI's own message."""
+    return (io.Combo.Input if V3_COMBOS_CHECKED else _ListCombo)(id, options=list(options), **kw)
+
+
 def schema(**fields) -> io.Schema:
     """``io.Schema(**fields)``, without the fields this ComfyUI's schema does not have."""
     if not HAS_SEARCH_ALIASES:
@@ -40,8 +68,9 @@ def numbered_inputs(group: str, names, make) -> list:
     appears when the previous one is connected; the front end labels each by its name), else the
     same names as fixed optional inputs."""
     if HAS_AUTOGROW:
-        template = io.Autogrow.TemplateNames(make(names[0]), list(names), min=0)
-        return [io.Autogrow.Input(group, template=template, optional=True)]
+        first = make(names[0])
+        template = io.Autogrow.TemplateNames(first, list(names), min=0)
+        return [io.Autogrow.Input(group, template=template, optional=True, tooltip=first.tooltip)]
     return [make(n) for n in names]
 
 
@@ -60,7 +89,25 @@ def numbered_values(grown, names, **by_name) -> dict:
     return out
 
 
-def node_id(cls) -> str | None:
+def graph_node_id(cls) -> str | None:
     """The id of the graph node running ``cls.execute`` (ComfyUI's hidden UNIQUE_ID), or None
     when the node's code is called directly (tests, benchmarks)."""
     return getattr(getattr(cls, "hidden", None), "unique_id", None)
+
+
+#: The memory strategies of the nodes that run gradients through the model (Extract, Seed
+#: Search), least saving first; "auto" picks one from the memory ComfyUI has free.
+MEMORY_MODES = ("auto", "full", "recompute casts", "checkpoint", "checkpoint + offload")
+
+
+def memory_input() -> io.Combo.Input:
+    """The advanced ``memory`` input of Extract and Seed Search (the last input: workflows saved
+    before it existed keep every widget value in place, and /prompt calls without it get auto)."""
+    return combo(
+        "memory", MEMORY_MODES, default="auto", optional=True,
+        tooltip="How the gradient passes trade time for memory. auto: chosen from the memory ComfyUI "
+                "has free. full: keep everything (fastest). recompute casts: recompute low-precision "
+                "weight casts in backward instead of keeping them. checkpoint: recompute the model's "
+                "blocks in backward. checkpoint + offload: also keep what backward needs in CPU memory. "
+                "Each step down needs less memory and more time.",
+        **ADVANCED)

@@ -46,6 +46,7 @@ from ._runtime import (
     Progress, clone_model, diffusion_key, fail, family_label, frame_latents, gradients_through,
     compute_dtype, dit_blocks, latent_channels, load_for_compute, out_of_memory_guard, require_family, train_usage_factor, vae_frames,
     vae_ratio)
+from ._schema import combo, graph_node_id, io, memory_input, numbered_inputs, numbered_values, schema
 
 log = logging.getLogger("ConceptLab")
 
@@ -659,7 +660,8 @@ def run_search(loss: ConceptLoss, layers: dict, settings: ExtractSettings, step=
 
 
 def extract(model, clip, vae, images: torch.Tensor, class_prompt: str, settings: ExtractSettings,
-            node_id=None, node: str = EXTRACT, prior_latents: Optional[torch.Tensor] = None) -> ConceptNeurons:
+            node_id=None, node: str = EXTRACT, prior_latents: Optional[torch.Tensor] = None,
+            **kwargs) -> ConceptNeurons:
     fam = require_family(node, model, SUPPORTED, "Concept-neuron extraction")
     images = check_references(images, vae, model.model, node)
     if not class_prompt.strip():
@@ -765,88 +767,91 @@ def combine(concepts: list, node: str = COMBINE) -> tuple:
 _TT_CONCEPT = "Concept neurons: the shut K/V weights of one or more subjects."
 
 
-class ConceptLabConceptNeuronsExtract:
-    DESCRIPTION = ("Finds the concept neurons of a subject (Cones): the few cross-attention K/V weights "
-                   "whose shutting makes the plain class prompt draw this subject. Uses the reference "
-                   "images, the class prompt and prior images the model generates from it. The MODEL is "
-                   "not changed; connect the output to Save or Apply.")
-    CATEGORY = "ConceptLab/concept neurons"
-    FUNCTION = "extract"
-    RETURN_TYPES = ("CONCEPT_NEURONS", "STRING")
-    RETURN_NAMES = ("concept", "info")
-    OUTPUT_TOOLTIPS = (_TT_CONCEPT, "Statistics of the extraction.")
+_CONCEPT = io.Custom("CONCEPT_NEURONS")
+_ALIASES = ["Cones", "concept neurons"]
+
+
+class ConceptLabConceptNeuronsExtract(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(
+            node_id="ConceptLabConceptNeuronsExtract", display_name=EXTRACT, category="ConceptLab/concept neurons",
+            description=("Finds the concept neurons of a subject (Cones): the few cross-attention K/V weights "
+                         "whose shutting makes the plain class prompt draw this subject. Uses the reference "
+                         "images, the class prompt and prior images the model generates from it. The MODEL is "
+                         "not changed; connect the output to Save or Apply."),
+            search_aliases=_ALIASES + ["extract concept", "subject", "personalize", "personalization", "DreamBooth"],
+            hidden=[io.Hidden.unique_id],
+            inputs=[
+                io.Model.Input("model", tooltip="The model to find the subject's neurons in (SD1.x, SD2.x, SDXL, SD3, Flux)."),
+                io.Clip.Input("clip", tooltip="The model's text encoder (encodes the class prompt)."),
+                io.Vae.Input("vae", tooltip="The model's VAE (encodes the reference images)."),
+                io.Image.Input("images", tooltip=f"1 to {MAX_REFERENCES} images of the subject (a batch; "
+                                                 f"{GOOD_REFERENCES} to {MAX_REFERENCES} different views work best), "
+                                                 "at the model's resolution: at least 8x8 pixels, e.g. 64x64 for "
+                                                 "the demo models, 512x512 for SD1.x, 1024x1024 for SDXL, SD3 and "
+                                                 "Flux."),
+                io.String.Input("class_prompt", default="a three", multiline=False,
+                                tooltip="The plain class of the subject, e.g. 'a dog'. After applying "
+                                        "the concept this prompt draws the subject."),
+                combo("procedure", list(K.PROCEDURES), default="iterative",
+                               tooltip="iterative: shut the top-scored weights in rounds; "
+                                       "accumulated: multiplicative scale-down, summed scores."),
+                io.Float.Input("budget_percent", default=0.4, min=0.001, max=20.0, step=0.01,
+                               tooltip="How many K/V weights may be shut, in percent of all candidates."),
+                io.Int.Input("iterations", default=40, min=1, max=5000,
+                             tooltip="Gradient evaluations (rounds for the iterative procedure)."),
+                io.Float.Input("prior_weight", default=0.3, min=0.0, max=10.0, step=0.05,
+                               tooltip="lambda: weight of the prior-preservation loss."),
+                io.Int.Input("prior_images", default=8, min=0, max=64,
+                             tooltip="How many class images the model generates for prior preservation."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFF, tooltip="Seed for prior images and noise."),
+                io.Float.Input("target_loss_ratio", default=0.0, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="Stop early once the loss falls to this fraction of the "
+                                       "starting loss (0: use the whole budget)."),
+                io.Boolean.Input("include_self_attention", default=False, optional=True,
+                                 tooltip="Also search self-attention K/V (attn1). Off in the paper's description."),
+                io.Int.Input("noise_draws", default=4, min=1, max=64, optional=True,
+                             tooltip="Noise levels drawn per image per gradient."),
+                io.Float.Input("scale_down_rate", default=0.1, min=0.001, max=1.0, step=0.001, optional=True,
+                               tooltip="accumulated procedure: how far the top-scored weight's "
+                                       "multiplier moves per iteration."),
+                memory_input(),
+            ],
+            outputs=[_CONCEPT.Output(display_name="concept", tooltip=_TT_CONCEPT),
+                     io.String.Output(display_name="info", tooltip="Statistics of the extraction.")])
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "The model to find the subject's neurons in (SD1.x, SD2.x, SDXL, SD3, Flux)."}),
-            "clip": ("CLIP", {"tooltip": "The model's text encoder (encodes the class prompt)."}),
-            "vae": ("VAE", {"tooltip": "The model's VAE (encodes the reference images)."}),
-            "images": ("IMAGE", {"tooltip": f"1 to {MAX_REFERENCES} images of the subject (a batch; "
-                                            f"{GOOD_REFERENCES} to {MAX_REFERENCES} different views work best), "
-                                            "at the model's resolution: at least 8x8 pixels, e.g. 64x64 for "
-                                            "the demo models, 512x512 for SD1.x, 1024x1024 for SDXL, SD3 and "
-                                            "Flux."}),
-            "class_prompt": ("STRING", {"default": "a three", "multiline": False,
-                                        "tooltip": "The plain class of the subject, e.g. 'a dog'. After applying "
-                                                   "the concept this prompt draws the subject."}),
-            "procedure": (list(K.PROCEDURES), {"default": "iterative",
-                                               "tooltip": "iterative: shut the top-scored weights in rounds; "
-                                                          "accumulated: multiplicative scale-down, summed scores."}),
-            "budget_percent": ("FLOAT", {"default": 0.4, "min": 0.001, "max": 20.0, "step": 0.01,
-                                         "tooltip": "How many K/V weights may be shut, in percent of all candidates."}),
-            "iterations": ("INT", {"default": 40, "min": 1, "max": 5000,
-                                   "tooltip": "Gradient evaluations (rounds for the iterative procedure)."}),
-            "prior_weight": ("FLOAT", {"default": 0.3, "min": 0.0, "max": 10.0, "step": 0.05,
-                                       "tooltip": "lambda: weight of the prior-preservation loss."}),
-            "prior_images": ("INT", {"default": 8, "min": 0, "max": 64,
-                                     "tooltip": "How many class images the model generates for prior preservation."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "tooltip": "Seed for prior images and noise."}),
-        }, "optional": {
-            "target_loss_ratio": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
-                                            "tooltip": "Stop early once the loss falls to this fraction of the "
-                                                       "starting loss (0: use the whole budget)."}),
-            "include_self_attention": ("BOOLEAN", {"default": False,
-                                                   "tooltip": "Also search self-attention K/V (attn1). Off in the paper's description."}),
-            "noise_draws": ("INT", {"default": 4, "min": 1, "max": 64,
-                                    "tooltip": "Noise levels drawn per image per gradient."}),
-            "scale_down_rate": ("FLOAT", {"default": 0.1, "min": 0.001, "max": 1.0, "step": 0.001,
-                                          "tooltip": "accumulated procedure: how far the top-scored weight's "
-                                                     "multiplier moves per iteration."}),
-        }, "hidden": {"unique_id": "UNIQUE_ID"}}
-
     @out_of_memory_guard(EXTRACT, EXTRACT_LOWER)
-    def extract(self, model, clip, vae, images, class_prompt, procedure, budget_percent, iterations,
+    def execute(cls, model, clip, vae, images, class_prompt, procedure, budget_percent, iterations,
                 prior_weight, prior_images, seed, target_loss_ratio=0.0, include_self_attention=False,
-                noise_draws=4, scale_down_rate=0.1, unique_id=None):
+                noise_draws=4, scale_down_rate=0.1, memory="auto"):
         s = ExtractSettings(procedure=procedure, budget_fraction=budget_percent / 100.0,
                             target_loss_ratio=target_loss_ratio, iterations=iterations,
                             prior_weight=prior_weight, prior_images=prior_images, noise_draws=noise_draws,
                             rate=scale_down_rate, include_self_attention=include_self_attention, seed=seed)
-        cn = extract(model, clip, vae, images, class_prompt, s, node_id=unique_id)
-        return (cn, info_text(cn))
+        cn = extract(model, clip, vae, images, class_prompt, s, node_id=graph_node_id(cls), memory=memory)
+        return io.NodeOutput(cn, info_text(cn))
 
 
-class ConceptLabConceptNeuronsSave:
-    DESCRIPTION = ("Saves concept neurons to models/concept_neurons as a small .safetensors file "
-                   "(compressed indices + what is needed to refuse the wrong model). Never overwrites: "
-                   "a counter is appended like SaveImage does.")
-    CATEGORY = "ConceptLab/concept neurons"
-    FUNCTION = "save"
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("filename",)
-    OUTPUT_TOOLTIPS = ("The saved file's name inside models/concept_neurons.",)
-    OUTPUT_NODE = True
+class ConceptLabConceptNeuronsSave(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(
+            node_id="ConceptLabConceptNeuronsSave", display_name=SAVE, category="ConceptLab/concept neurons",
+            description=("Saves concept neurons to models/concept_neurons as a small .safetensors file "
+                         "(compressed indices + what is needed to refuse the wrong model). Never overwrites: "
+                         "a counter is appended like SaveImage does."),
+            search_aliases=_ALIASES + ["save concept"],
+            is_output_node=True,
+            inputs=[_CONCEPT.Input("concept", tooltip=_TT_CONCEPT),
+                    io.String.Input("filename_prefix", default="concept",
+                                    tooltip="File name prefix inside models/concept_neurons.")],
+            outputs=[io.String.Output(display_name="filename",
+                                      tooltip="The saved file's name inside models/concept_neurons.")])
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "concept": ("CONCEPT_NEURONS", {"tooltip": _TT_CONCEPT}),
-            "filename_prefix": ("STRING", {"default": "concept",
-                                           "tooltip": "File name prefix inside models/concept_neurons."}),
-        }}
-
-    def save(self, concept, filename_prefix):
+    def execute(cls, concept, filename_prefix):
         path = next_save_path(filename_prefix)
         while True:
             try:
@@ -859,113 +864,98 @@ class ConceptLabConceptNeuronsSave:
             raise fail(SAVE, "The saved file does not read back identically.", "Check the disk; the file was kept.")
         rel = os.path.relpath(path, save_dir())
         log.info("ConceptLab: saved concept neurons to %s (%d bytes)", path, nbytes)
-        return {"ui": {"text": [f"{rel} ({nbytes} bytes)"]}, "result": (rel,)}
+        return io.NodeOutput(rel, ui={"text": [f"{rel} ({nbytes} bytes)"]})
 
 
-class ConceptLabConceptNeuronsLoad:
-    DESCRIPTION = ("Loads concept neurons saved by Save (from models/concept_neurons or the pack's demo "
-                   "folder). Corrupt, truncated, hostile or foreign files are refused with a clear message; "
-                   "whether the concept fits the MODEL is checked when it is applied.")
-    CATEGORY = "ConceptLab/concept neurons"
-    FUNCTION = "load"
-    RETURN_TYPES = ("CONCEPT_NEURONS", "STRING")
-    RETURN_NAMES = ("concept", "info")
-    OUTPUT_TOOLTIPS = (_TT_CONCEPT, "Statistics of the loaded concept.")
+class ConceptLabConceptNeuronsLoad(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(
+            node_id="ConceptLabConceptNeuronsLoad", display_name=LOAD, category="ConceptLab/concept neurons",
+            description=("Loads concept neurons saved by Save (from models/concept_neurons or the pack's demo "
+                         "folder). Corrupt, truncated, hostile or foreign files are refused with a clear message; "
+                         "whether the concept fits the MODEL is checked when it is applied."),
+            search_aliases=_ALIASES + ["load concept"],
+            inputs=[combo("concept_file", concept_files() or ["(no concept files)"],
+                                   tooltip="A concept file in models/concept_neurons.")],
+            outputs=[_CONCEPT.Output(display_name="concept", tooltip=_TT_CONCEPT),
+                     io.String.Output(display_name="info", tooltip="Statistics of the loaded concept.")])
 
     @classmethod
-    def INPUT_TYPES(cls):
-        files = concept_files()
-        return {"required": {
-            "concept_file": (files or ["(no concept files)"], {"tooltip": "A concept file in models/concept_neurons."}),
-        }}
-
-    @classmethod
-    def IS_CHANGED(cls, concept_file):
+    def fingerprint_inputs(cls, concept_file):
         try:
             p = safe_path(concept_file)
             return f"{os.path.getmtime(p)}:{os.path.getsize(p)}"
         except Exception:  # noqa: BLE001
             return concept_file
 
-    def load(self, concept_file):
+    @classmethod
+    def execute(cls, concept_file):
         cn = read_file(safe_path(concept_file))
-        return (cn, info_text(cn))
+        return io.NodeOutput(cn, info_text(cn))
 
 
-class ConceptLabConceptNeuronsApply:
-    DESCRIPTION = ("Applies concept neurons to a MODEL: returns a patched copy where the concept's weights "
-                   "are shut (strength 1) or scaled by 1 - strength. The incoming MODEL is unchanged. "
-                   "Then prompt with the plain class ('a three') to draw the subject.")
-    CATEGORY = "ConceptLab/concept neurons"
-    FUNCTION = "apply"
-    RETURN_TYPES = ("MODEL",)
-    OUTPUT_TOOLTIPS = ("A patched copy of the model.",)
+class ConceptLabConceptNeuronsApply(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(
+            node_id="ConceptLabConceptNeuronsApply", display_name=APPLY, category="ConceptLab/concept neurons",
+            description=("Applies concept neurons to a MODEL: returns a patched copy where the concept's weights "
+                         "are shut (strength 1) or scaled by 1 - strength. The incoming MODEL is unchanged. "
+                         "Then prompt with the plain class ('a three') to draw the subject."),
+            search_aliases=_ALIASES + ["apply concept", "subject", "personalize"],
+            inputs=[io.Model.Input("model", tooltip="The model the concept was extracted from."),
+                    _CONCEPT.Input("concept", tooltip=_TT_CONCEPT),
+                    io.Float.Input("strength", default=1.0, min=0.0, max=1.0, step=0.05,
+                                   tooltip="1 shuts the neurons (zero); between 0 and 1 scales them by 1 - strength.")],
+            outputs=[io.Model.Output(tooltip="A patched copy of the model.")])
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {
-            "model": ("MODEL", {"tooltip": "The model the concept was extracted from."}),
-            "concept": ("CONCEPT_NEURONS", {"tooltip": _TT_CONCEPT}),
-            "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05,
-                                   "tooltip": "1 shuts the neurons (zero); between 0 and 1 scales them by 1 - strength."}),
-        }}
-
-    def apply(self, model, concept, strength):
-        return (apply_concept(model, concept, strength),)
+    def execute(cls, model, concept, strength):
+        return io.NodeOutput(apply_concept(model, concept, strength))
 
 
-class ConceptLabConceptNeuronsCombine:
-    DESCRIPTION = ("Combines several concepts into one (the union of their neurons), e.g. two subjects "
-                   "in one image, and reports how much they overlap.")
-    CATEGORY = "ConceptLab/concept neurons"
-    FUNCTION = "combine"
-    RETURN_TYPES = ("CONCEPT_NEURONS", "STRING")
-    RETURN_NAMES = ("concept", "overlap")
-    OUTPUT_TOOLTIPS = ("The union of the inputs.", "Pairwise overlap of the inputs' neuron sets.")
+#: Combine's inputs after the two it needs: they appear one by one as the user connects them.
+MORE_CONCEPTS = ("concept_3", "concept_4")
+
+
+class ConceptLabConceptNeuronsCombine(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(
+            node_id="ConceptLabConceptNeuronsCombine", display_name=COMBINE, category="ConceptLab/concept neurons",
+            description=("Combines several concepts into one (the union of their neurons), e.g. two subjects "
+                         "in one image, and reports how much they overlap."),
+            search_aliases=_ALIASES + ["combine concepts", "merge concepts", "multi-subject", "two subjects"],
+            inputs=[_CONCEPT.Input("concept_1", tooltip="First concept."),
+                    _CONCEPT.Input("concept_2", tooltip="Second concept."),
+                    *numbered_inputs("more_concepts", MORE_CONCEPTS, lambda name: _CONCEPT.Input(
+                        name, optional=True, tooltip="Another concept (optional)."))],
+            outputs=[_CONCEPT.Output(display_name="concept", tooltip="The union of the inputs."),
+                     io.String.Output(display_name="overlap", tooltip="Pairwise overlap of the inputs' neuron sets.")])
 
     @classmethod
-    def INPUT_TYPES(cls):
-        opt = {f"concept_{i}": ("CONCEPT_NEURONS", {"tooltip": "Another concept (optional)."}) for i in range(3, 5)}
-        return {"required": {
-            "concept_1": ("CONCEPT_NEURONS", {"tooltip": "First concept."}),
-            "concept_2": ("CONCEPT_NEURONS", {"tooltip": "Second concept."}),
-        }, "optional": opt}
-
-    def combine(self, concept_1, concept_2, concept_3=None, concept_4=None):
-        return combine([concept_1, concept_2, concept_3, concept_4])
+    def execute(cls, concept_1, concept_2, more_concepts=None, concept_3=None, concept_4=None):
+        more = numbered_values(more_concepts, MORE_CONCEPTS, concept_3=concept_3, concept_4=concept_4)
+        return io.NodeOutput(*combine([concept_1, concept_2, *more.values()]))
 
 
-class ConceptLabConceptNeuronsInfo:
-    DESCRIPTION = "Describes concept neurons: how many weights are shut per layer, bytes, class word, settings."
-    CATEGORY = "ConceptLab/concept neurons"
-    FUNCTION = "info"
-    RETURN_TYPES = ("STRING",)
-    RETURN_NAMES = ("text",)
-    OUTPUT_TOOLTIPS = ("A short statistics text.",)
-    OUTPUT_NODE = True
+class ConceptLabConceptNeuronsInfo(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(
+            node_id="ConceptLabConceptNeuronsInfo", display_name=INFO, category="ConceptLab/concept neurons",
+            description="Describes concept neurons: how many weights are shut per layer, bytes, class word, settings.",
+            search_aliases=_ALIASES + ["concept info"],
+            is_output_node=True,
+            inputs=[_CONCEPT.Input("concept", tooltip=_TT_CONCEPT)],
+            outputs=[io.String.Output(display_name="text", tooltip="A short statistics text.")])
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"concept": ("CONCEPT_NEURONS", {"tooltip": _TT_CONCEPT})}}
-
-    def info(self, concept):
+    def execute(cls, concept):
         text = info_text(concept)
-        return {"ui": {"text": [text]}, "result": (text,)}
+        return io.NodeOutput(text, ui={"text": [text]})
 
 
-NODE_CLASS_MAPPINGS = {
-    "ConceptLabConceptNeuronsExtract": ConceptLabConceptNeuronsExtract,
-    "ConceptLabConceptNeuronsSave": ConceptLabConceptNeuronsSave,
-    "ConceptLabConceptNeuronsLoad": ConceptLabConceptNeuronsLoad,
-    "ConceptLabConceptNeuronsApply": ConceptLabConceptNeuronsApply,
-    "ConceptLabConceptNeuronsCombine": ConceptLabConceptNeuronsCombine,
-    "ConceptLabConceptNeuronsInfo": ConceptLabConceptNeuronsInfo,
-}
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "ConceptLabConceptNeuronsExtract": EXTRACT,
-    "ConceptLabConceptNeuronsSave": SAVE,
-    "ConceptLabConceptNeuronsLoad": LOAD,
-    "ConceptLabConceptNeuronsApply": APPLY,
-    "ConceptLabConceptNeuronsCombine": COMBINE,
-    "ConceptLabConceptNeuronsInfo": INFO,
-}
+NODES = [ConceptLabConceptNeuronsExtract, ConceptLabConceptNeuronsSave, ConceptLabConceptNeuronsLoad,
+         ConceptLabConceptNeuronsApply, ConceptLabConceptNeuronsCombine, ConceptLabConceptNeuronsInfo]

@@ -37,7 +37,7 @@ import comfy.sd1_clip
 import comfy.supported_models
 
 from ._runtime import fail
-from ._schema import io, schema
+from ._schema import combo, io, schema
 
 log = logging.getLogger("ConceptLab")
 
@@ -344,7 +344,7 @@ class ConceptLabLoadDemoModel(io.ComfyNode):
                          "MMDiT (flow) model and needs ComfyUI 0.3.x. Use a 64x64 empty latent, about 20 "
                          "steps and CFG 3 (high CFG empties the canvas)."),
             search_aliases=["demo model", "digits", "tiny model", "digits-unet", "digits-dit"],
-            inputs=[io.Combo.Input("demo_model", options=list(DEMO_MODELS), default=next(iter(DEMO_MODELS)),
+            inputs=[combo("demo_model", list(DEMO_MODELS), default=next(iter(DEMO_MODELS)),
                                    tooltip=DEMO_MODEL_TOOLTIP)],
             outputs=[io.Model.Output(display_name="model", tooltip="The demo diffusion model."),
                      io.Clip.Output(display_name="clip", tooltip="Its text encoder."),
@@ -437,7 +437,7 @@ class ConceptLabLoadDemoImages(io.ComfyNode):
                          "run as soon as they are opened. With your own model, replace this node with Load "
                          "Image nodes of your concept or subject (batched together)."),
             search_aliases=["demo images", "reference images", "sample images", "handwriting", "digits"],
-            inputs=[io.Combo.Input("image_set", options=list(DEMO_IMAGE_SETS), default="eight-references",
+            inputs=[combo("image_set", list(DEMO_IMAGE_SETS), default="eight-references",
                                    tooltip="Which pictures. " + "; ".join(f"{k}: {v}" for k, v in DEMO_IMAGE_SETS.items())
                                            + ".")],
             outputs=[io.Image.Output(display_name="images", tooltip="The pictures, 64x64 each, as one batch."),

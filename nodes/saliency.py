@@ -36,7 +36,7 @@ import comfy.ldm.modules.attention as comfy_attention
 from ..kernels import saliency as K
 from ._runtime import UNET_FAMILIES, clone_model, fail, family_label, model_family, require_family
 from .architectures import dit_scale, dit_stream
-from ._schema import io, schema
+from ._schema import combo, io, schema
 
 log = logging.getLogger("ConceptLab")
 
@@ -569,7 +569,7 @@ class ConceptLabSaliencyCapture(io.ComfyNode):
                                         "prompt. UNet: each must occur in the "
                                         "prompt. DiT: any words (add background "
                                         "words such as 'sky' for cleaner masks)."),
-                io.Combo.Input("method", options=list(METHODS), default="auto",
+                combo("method", list(METHODS), default="auto",
                                tooltip="auto: DAAM on UNets; on DiTs, "
                                        "ConceptAttention at the scale of SD3 and "
                                        "Flux (at least 1024 wide, 12 blocks), "
@@ -727,7 +727,7 @@ def _save_temp_png(array: np.ndarray, prefix: str) -> dict:
 
 def _threshold_inputs() -> list:
     return [
-        io.Combo.Input("threshold_mode", options=list(K.THRESHOLD_MODES), default="fixed",
+        combo("threshold_mode", list(K.THRESHOLD_MODES), default="fixed",
                        tooltip="How maps become masks. mean: above the map's own mean (the ConceptAttention "
                                "protocol); otsu: Otsu's threshold; fixed: above 'threshold'; argmax: the "
                                "pixel goes to the strongest concept, if that map is above 'threshold'."),
@@ -781,7 +781,7 @@ class ConceptLabSaliencyMaps(io.ComfyNode):
                                  tooltip="3x3 blur of the latent-grid maps before upsampling "
                                          "(smoother raw masks; with a refinement it only "
                                          "blunts the maps, so it is off by default)."),
-                io.Combo.Input("refine", options=list(K.REFINE_METHODS), default=K.REFINE_DEFAULT,
+                combo("refine", list(K.REFINE_METHODS), default=K.REFINE_DEFAULT,
                                tooltip=_REFINE_TOOLTIP),
             ],
             outputs=[
@@ -850,7 +850,7 @@ class ConceptLabMaskFromConcept(io.ComfyNode):
                 *_threshold_inputs(),
                 io.Int.Input("grow", default=0, min=0, max=64,
                              tooltip="Dilate the mask by this many pixels (for inpainting)."),
-                io.Combo.Input("refine", options=["as saliency maps"] + list(K.REFINE_METHODS),
+                combo("refine", ["as saliency maps"] + list(K.REFINE_METHODS),
                                default="as saliency maps",
                                tooltip="as saliency maps: the maps exactly as 'ConceptLab Saliency Maps' "
                                        "made them. Otherwise refine the unrefined maps again here. "

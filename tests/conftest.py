@@ -203,8 +203,8 @@ def check_apply(lab, cn, model, concept) -> tuple:
     layers = sorted(n for n in concept.layers if concept.indices[n].numel())   # those it shuts weights of
     before = weights(model)
     with torch.inference_mode():
-        full = cn.ConceptLabConceptNeuronsApply().apply(model, concept, 1.0)[0]
-        half = cn.ConceptLabConceptNeuronsApply().apply(model, concept, 0.5)[0]
+        full = cn.ConceptLabConceptNeuronsApply.execute(model, concept, 1.0)[0]
+        half = cn.ConceptLabConceptNeuronsApply.execute(model, concept, 0.5)[0]
     guard.check("apply")
     for patched, factor in ((full, 0.0), (half, 0.5)):
         after = weights(patched)
@@ -235,14 +235,14 @@ def check_cross_family(lab, cn, model, clip, concept, label: str) -> None:
     for c, target, words in ((concept, dit, (f"made for a {label} model", "MODEL is SD3")),
                              (sd3, model, ("made for a SD3", f"MODEL is {label}"))):
         with pytest.raises(lab.runtime.ConceptLabError) as e:
-            cn.ConceptLabConceptNeuronsApply().apply(target, c, 1.0)
+            cn.ConceptLabConceptNeuronsApply.execute(target, c, 1.0)
         msg = str(e.value)
         assert msg.startswith("[ConceptLab Concept Neurons Apply]") and "Fix:" in msg
         assert all(w in msg for w in words), msg
     with pytest.raises(lab.runtime.ConceptLabError, match="different models"):
-        cn.ConceptLabConceptNeuronsCombine().combine(concept, sd3)
+        cn.ConceptLabConceptNeuronsCombine.execute(concept, sd3)
     with pytest.raises(lab.runtime.ConceptLabError) as e:
-        cn.ConceptLabConceptNeuronsExtract().extract(model, clip, vae4, subject_images(), "a three", "iterative",
+        cn.ConceptLabConceptNeuronsExtract.execute(model, clip, vae4, subject_images(), "a three", "iterative",
                                                      0.4, 1, 0.3, 0, 0)
     msg = str(e.value)
     assert msg.startswith("[ConceptLab Concept Neurons Extract]"), msg
@@ -259,8 +259,8 @@ def check_save_load(cn, concept, folder, monkeypatch, prefix: str) -> tuple:
     monkeypatch.setitem(folder_paths.folder_names_and_paths, cn.FOLDER, ([str(folder)], entry[1]))
     if hasattr(folder_paths, "filename_list_cache"):
         folder_paths.filename_list_cache.clear()
-    name = cn.ConceptLabConceptNeuronsSave().save(concept, prefix)["result"][0]
-    back, info = cn.ConceptLabConceptNeuronsLoad().load(name)
+    name = cn.ConceptLabConceptNeuronsSave.execute(concept, prefix).result[0]
+    back, info = cn.ConceptLabConceptNeuronsLoad.execute(name)
     assert back.family == concept.family and back.fingerprint == concept.fingerprint
     assert back.layers == concept.layers
     assert all(torch.equal(back.indices[n], concept.indices[n]) for n in concept.indices)

@@ -285,14 +285,14 @@ def check_extract_apply(lab, cn, tiny, concept, family: str, label: str):
 def check_combine_and_refusals(lab, cn, concept, other_concept, other_model, label: str, other_label: str):
     """Combine unites a family's concepts; a concept of another family is refused on Apply, even
     where the layer names and shapes agree, and Combine refuses to mix families."""
-    merged, overlap = cn.ConceptLabConceptNeuronsCombine().combine(concept, concept)
+    merged, overlap = cn.ConceptLabConceptNeuronsCombine.execute(concept, concept)
     assert merged.count == concept.count and merged.family == concept.family and "Jaccard 1.000" in overlap
     guard = lab.runtime.ModelGuard.of(other_model)
     with pytest.raises(lab.runtime.ConceptLabError) as e:
-        cn.ConceptLabConceptNeuronsApply().apply(other_model, concept, 1.0)
+        cn.ConceptLabConceptNeuronsApply.execute(other_model, concept, 1.0)
     msg = str(e.value)
     assert msg.startswith("[ConceptLab Concept Neurons Apply]") and "Fix:" in msg
     assert f"made for a {label} model" in msg and f"is {other_label}" in msg, msg
     with pytest.raises(lab.runtime.ConceptLabError, match="different models"):
-        cn.ConceptLabConceptNeuronsCombine().combine(concept, other_concept)
+        cn.ConceptLabConceptNeuronsCombine.execute(concept, other_concept)
     guard.check("refused apply")

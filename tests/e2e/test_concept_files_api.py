@@ -43,7 +43,7 @@ def linked(server, tmp_path):
 
 
 def _menu(server) -> list:
-    return server.get(f"/object_info/{LOAD}")[LOAD]["input"]["required"]["concept_file"][0]
+    return cr.combo_options(server.get(f"/object_info/{LOAD}")[LOAD]["input"]["required"]["concept_file"])
 
 
 def _load_info(name: str) -> dict:

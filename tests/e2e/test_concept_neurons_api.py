@@ -21,7 +21,7 @@ def test_concept_nodes_are_listed_with_the_demo_files(object_info):
         for kind, section in object_info[i]["input"].items():
             for name, spec in (section.items() if kind != "hidden" else ()):
                 assert len(spec) > 1 and spec[1].get("tooltip"), (i, name)
-    files = object_info["ConceptLabConceptNeuronsLoad"]["input"]["required"]["concept_file"][0]
+    files = cr.combo_options(object_info["ConceptLabConceptNeuronsLoad"]["input"]["required"]["concept_file"])
     assert "digits_unet_three_subject.safetensors" in files and "digits_unet_seven_subject.safetensors" in files
 
 

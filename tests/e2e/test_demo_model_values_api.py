@@ -4,7 +4,7 @@ API scripts type the values, so they are short and stable ('digits-unet', 'digit
 each model is, is in the tooltip. Workflows saved by earlier releases hold the long values
 ('digits-unet (SD1.x architecture)', 'digits-dit (SD3 MMDiT architecture, ComfyUI 0.3.x)'):
 posted to /prompt (API format, or UI format as the front end converts it) they must still pass
-ComfyUI's validation and run, on every supported ComfyUI (the node's VALIDATE_INPUTS takes the
+ComfyUI's validation and run, on every supported ComfyUI (the node's validate_inputs takes the
 input, so ComfyUI leaves the check to it). In the front end, an old workflow keeps its value and
 runs when queued from the page (browser test)."""
 import importlib

@@ -118,8 +118,8 @@ def test_apply_shuts_weights_in_the_clone_only(lab, cn, unet, concept):
     name = next(n for n, i in c.indices.items() if i.numel())
     w0 = model.model.diffusion_model.get_parameter(name).detach().clone()
     with torch.inference_mode():
-        full = cn.ConceptLabConceptNeuronsApply().apply(model, c, 1.0)[0]
-        half = cn.ConceptLabConceptNeuronsApply().apply(model, c, 0.5)[0]
+        full = cn.ConceptLabConceptNeuronsApply.execute(model, c, 1.0)[0]
+        half = cn.ConceptLabConceptNeuronsApply.execute(model, c, 0.5)[0]
     guard.check("apply")
     idx = c.indices[name]
     for patched, expect in ((full, 0.0), (half, 0.5)):
@@ -146,12 +146,12 @@ def test_cancel_mid_extraction_leaves_no_patch(lab, cn, unet):
 
 def test_save_load_round_trip_never_overwrites(lab, cn, concept, folder):
     c = concept
-    save = cn.ConceptLabConceptNeuronsSave()
-    r1 = save.save(c, "subj/three")["result"][0]
-    r2 = save.save(c, "subj/three")["result"][0]
+    save = cn.ConceptLabConceptNeuronsSave
+    r1 = save.execute(c, "subj/three").result[0]
+    r2 = save.execute(c, "subj/three").result[0]
     assert r1 != r2 and r1.endswith("_00001_.safetensors") and r2.endswith("_00002_.safetensors")
     assert r1 in cn.concept_files()
-    back, info = cn.ConceptLabConceptNeuronsLoad().load(r1)
+    back, info = cn.ConceptLabConceptNeuronsLoad.execute(r1)
     assert all(torch.equal(back.indices[n], c.indices[n]) for n in c.indices)
     assert back.fingerprint == c.fingerprint and back.family == "sd1" and back.class_word == "a three"
     assert "shut: 180 of 45056" in info
@@ -161,7 +161,7 @@ def test_save_load_round_trip_never_overwrites(lab, cn, concept, folder):
 
 def _refused(cn, name, *words):
     with pytest.raises(Exception) as e:
-        cn.ConceptLabConceptNeuronsLoad().load(name)
+        cn.ConceptLabConceptNeuronsLoad.execute(name)
     msg = str(e.value)
     assert msg.startswith("[ConceptLab Concept Neurons Load]") and "Fix:" in msg, msg
     for w in words:
@@ -172,7 +172,7 @@ def _refused(cn, name, *words):
 def test_load_refuses_corrupt_truncated_hostile_and_traversal(cn, concept, folder, tmp_path):
     import safetensors.torch
     c = concept
-    good = folder / cn.ConceptLabConceptNeuronsSave().save(c, "c")["result"][0]
+    good = folder / cn.ConceptLabConceptNeuronsSave.execute(c, "c").result[0]
     data = good.read_bytes()
     (folder / "trunc.safetensors").write_bytes(data[: len(data) // 2])
     _refused(cn, "trunc.safetensors", "truncated or corrupt")
@@ -208,10 +208,10 @@ def test_links_inside_the_concept_folder_are_followed(cn, concept, folder, tmp_p
     listed and loads (as ComfyUI's folder_paths lists and opens files through links); a link
     that leads nowhere is not listed and is refused with a clear message; Save never writes
     through a linked sub-folder or a name that escapes (test_save_containment.py)."""
-    save = cn.ConceptLabConceptNeuronsSave()
+    save = cn.ConceptLabConceptNeuronsSave
     disk = tmp_path / "other_disk"
     (disk / "mine").mkdir(parents=True)
-    good = folder / save.save(concept, "c")["result"][0]
+    good = folder / save.execute(concept, "c").result[0]
     shutil.copy(good, disk / "mine" / "three.safetensors")
     shutil.copy(good, disk / "single.safetensors")
     os.symlink(disk / "mine", folder / "linked", target_is_directory=True)
@@ -222,9 +222,9 @@ def test_links_inside_the_concept_folder_are_followed(cn, concept, folder, tmp_p
     assert {"linked/three.safetensors", "single_link.safetensors"} <= set(listed), listed
     assert not any(n.startswith("dangling") for n in listed), listed
     for name in listed:                                   # everything listed loads
-        back, info = cn.ConceptLabConceptNeuronsLoad().load(name)
+        back, info = cn.ConceptLabConceptNeuronsLoad.execute(name)
         assert all(torch.equal(back.indices[n], concept.indices[n]) for n in concept.indices)
-        assert cn.ConceptLabConceptNeuronsLoad.IS_CHANGED(name) != name   # mtime:size, not a failure
+        assert cn.ConceptLabConceptNeuronsLoad.fingerprint_inputs(name) != name   # mtime:size, not a failure
     _refused(cn, "dangling.safetensors", "is a link to", "does not exist")
     _refused(cn, "dangling_dir/x.safetensors", "was not found")
     # Save: never through the linked sub-folder (it leads out of the folder), nor a name that escapes
@@ -232,7 +232,7 @@ def test_links_inside_the_concept_folder_are_followed(cn, concept, folder, tmp_p
     for prefix in ("linked/again", "../escaped", "linked/../../escaped", "/tmp/escaped", "C:escaped", ".",
                    "./", "..\\escaped", "sub\\..\\..\\escaped"):
         with pytest.raises(Exception) as e:
-            save.save(concept, prefix)
+            save.execute(concept, prefix)
         msg = str(e.value)
         assert msg.startswith("[ConceptLab Concept Neurons Save]"), msg
         assert ("through a link" if prefix == "linked/again" else "not allowed") in msg, msg
@@ -266,12 +266,12 @@ def test_apply_refuses_a_concept_from_another_model(lab, cn, unet, concept, tmp_
     assert not info["trained"]
     guard = lab.runtime.ModelGuard.of(other)
     with pytest.raises(lab.runtime.ConceptLabError) as e:
-        cn.ConceptLabConceptNeuronsApply().apply(other, c, 1.0)
+        cn.ConceptLabConceptNeuronsApply.execute(other, c, 1.0)
     assert "fingerprint mismatch" in str(e.value) and "Fix:" in str(e.value)
     guard.check("refused apply")
     c.layers[next(iter(c.layers))]["shape"] = [3, 3]
     with pytest.raises(lab.runtime.ConceptLabError, match="does not exist with that shape"):
-        cn.ConceptLabConceptNeuronsApply().apply(unet[0], c, 1.0)
+        cn.ConceptLabConceptNeuronsApply.execute(unet[0], c, 1.0)
 
 
 def test_combine_and_info(cn, concept):
@@ -281,10 +281,10 @@ def test_combine_and_info(cn, concept):
         idx = b.indices[n]
         b.indices[n] = torch.unique(torch.cat([idx[: len(idx) // 2], (idx[len(idx) // 2:] + 1) % 2048]))
     b.names = ["seven"]
-    merged, overlap = cn.ConceptLabConceptNeuronsCombine().combine(a, b)
+    merged, overlap = cn.ConceptLabConceptNeuronsCombine.execute(a, b)
     assert merged.count == len(set(_flat(a)) | set(_flat(b)))
     assert "Jaccard" in overlap and "a three & seven" in overlap
-    text = cn.ConceptLabConceptNeuronsInfo().info(merged)["result"][0]
+    text = cn.ConceptLabConceptNeuronsInfo.execute(merged).result[0]
     assert "shut:" in text and "a three" in text
 
 

@@ -122,9 +122,9 @@ def test_flux_accumulated_procedure(lab, cn, parts):
 def test_flux_save_load_combine_info(cn, concept, tmp_path, monkeypatch):
     back, info = check_save_load(cn, concept, tmp_path, monkeypatch, "flux/three")
     assert back.family == "flux" and "(class 'a three', Flux.1)" in info
-    merged, overlap = cn.ConceptLabConceptNeuronsCombine().combine(concept, back)
+    merged, overlap = cn.ConceptLabConceptNeuronsCombine.execute(concept, back)
     assert merged.count == concept.count and "Jaccard 1.000" in overlap
-    assert "Flux" in cn.ConceptLabConceptNeuronsInfo().info(merged)["result"][0]
+    assert "Flux" in cn.ConceptLabConceptNeuronsInfo.execute(merged).result[0]
 
 
 def test_cross_family_concepts_and_foreign_vae_are_refused(lab, cn, parts, concept):

@@ -44,13 +44,13 @@ def test_chroma_is_detected_as_comfyui_detects_it_and_described(lab, chroma):
     assert lab.runtime.model_family(chroma.model) == "chroma"
     assert lab.runtime.latent_channels(chroma.model.model) == 16
     guard = lab.runtime.ModelGuard.of(chroma.model)
-    out = lab.model_info.ConceptLabModelInfo().describe(chroma.model)
-    lines = out["ui"]["text"]
+    out = lab.model_info.ConceptLabModelInfo.execute(chroma.model)
+    lines = out.ui["text"]
     assert lines[0] == f"Chroma: {sum(p.numel() for p in chroma.model.model.diffusion_model.parameters()):,} parameters (float32)"
     assert lines[1] == f"2 K/V layers, {2 * 192 * 64 * 2 // 3:,} concept-neuron candidates"
     assert "approximator" in lines[2] and "2 double-stream and 1 single-stream blocks, 64 wide" in lines[2]
     assert "double_blocks.N.txt_attn.qkv" in lines[3]
-    assert '"family": "chroma"' in out["result"][0]
+    assert '"family": "chroma"' in out.result[0]
     guard.check("ConceptLab Model Info")
 
 

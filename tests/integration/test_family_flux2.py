@@ -44,13 +44,13 @@ def test_flux2_is_detected_as_comfyui_detects_it_and_described(lab, flux2):
     assert lab.runtime.model_family(flux2.model) == "flux2"
     assert lab.runtime.latent_channels(flux2.model.model) == 128
     guard = lab.runtime.ModelGuard.of(flux2.model)
-    out = lab.model_info.ConceptLabModelInfo().describe(flux2.model)
-    lines = out["ui"]["text"]
+    out = lab.model_info.ConceptLabModelInfo.execute(flux2.model)
+    lines = out.ui["text"]
     assert lines[0] == f"Flux.2: {sum(p.numel() for p in flux2.model.model.diffusion_model.parameters()):,} parameters (float32)"
     assert lines[1] == f"2 K/V layers, {2 * 192 * 64 * 2 // 3:,} concept-neuron candidates"
     assert "global modulation" in lines[2] and "2 double-stream and 1 single-stream blocks, 64 wide" in lines[2]
     assert "double_blocks.N.txt_attn.qkv" in lines[3] and "single-stream" in lines[3]
-    assert '"family": "flux2"' in out["result"][0]
+    assert '"family": "flux2"' in out.result[0]
     guard.check("ConceptLab Model Info")
 
 
@@ -122,7 +122,7 @@ def test_flux2_concepts_are_refused_on_other_families(lab, cn, flux2, concept):
     assert sorted(flux1_concept.layers) == sorted(concept.layers)   # same names and shapes
     FF.check_combine_and_refusals(lab, cn, concept, flux1_concept, chroma.model, "Flux.2", "Chroma")
     with pytest.raises(lab.runtime.ConceptLabError, match=r"made for a Flux\.1 model.*is Flux\.2"):
-        cn.ConceptLabConceptNeuronsApply().apply(flux2.model, flux1_concept, 1.0)
+        cn.ConceptLabConceptNeuronsApply.execute(flux2.model, flux1_concept, 1.0)
 
 
 @pytest.mark.parametrize("family", ["flux2", "flux"])

@@ -298,7 +298,7 @@ def test_extract_apply_combine_save_touch_only_the_text_kv(lab, cn, qwen, concep
     assert c.stats["loss_end"] < c.stats["loss_start"] and c.stats["prior_images"] == 1  # sampled by Qwen-Image
     check_apply(lab, cn, qwen.model, c)
     other = extract_concept(cn, qwen.model, qwen.clip, qwen.vae, seed=5)
-    merged, overlap = cn.ConceptLabConceptNeuronsCombine().combine(c, other)
+    merged, overlap = cn.ConceptLabConceptNeuronsCombine.execute(c, other)
     assert merged.family == "qwen_image" and "Jaccard" in overlap
     assert all(torch.equal(merged.indices[n], torch.unique(torch.cat((c.indices[n], other.indices[n]))))
                for n in LAYERS)

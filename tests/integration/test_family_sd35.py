@@ -199,7 +199,7 @@ def test_concept_neurons_extract_apply_combine_refuse(lab, cn, medium, large):
         assert bool((idx // cols >= rows // 3).all())
     check_apply(lab, cn, medium.model, c)
     other = extract_concept(cn, medium.model, medium.clip, medium.vae, seed=4)
-    merged, overlap = cn.ConceptLabConceptNeuronsCombine().combine(c, other)
+    merged, overlap = cn.ConceptLabConceptNeuronsCombine.execute(c, other)
     assert "Jaccard" in overlap and merged.count >= max(c.count, other.count)
     check_apply(lab, cn, medium.model, merged)
     # the same family, other weights: the SD3.5 Large-like model (same shapes) and the demo DiT
@@ -207,7 +207,7 @@ def test_concept_neurons_extract_apply_combine_refuse(lab, cn, medium, large):
         dit = lab.demo.build_demo_model("digits_dit")[0]
     for target, why in ((large.model, "fingerprint mismatch"), (dit, "does not exist with that shape")):
         with pytest.raises(lab.runtime.ConceptLabError) as e:
-            cn.ConceptLabConceptNeuronsApply().apply(target, c, 1.0)
+            cn.ConceptLabConceptNeuronsApply.execute(target, c, 1.0)
         msg = str(e.value)
         assert msg.startswith("[ConceptLab Concept Neurons Apply]") and "Fix:" in msg and why in msg, msg
     guard.check("ConceptLab Concept Neurons (SD3.5)")

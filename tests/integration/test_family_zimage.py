@@ -405,9 +405,9 @@ def test_zimage_save_load_combine_info(cn, concept, tmp_path, monkeypatch):
     assert back.family == "zimage" and "(class 'a three', Z-Image)" in info
     other = copy.deepcopy(concept)
     other.indices = {n: idx[: idx.numel() // 2] for n, idx in other.indices.items()}
-    merged, overlap = cn.ConceptLabConceptNeuronsCombine().combine(concept, other)
+    merged, overlap = cn.ConceptLabConceptNeuronsCombine.execute(concept, other)
     assert merged.count == concept.count and "Jaccard 0.5" in overlap
-    assert "Z-Image" in cn.ConceptLabConceptNeuronsInfo().info(merged)["result"][0]
+    assert "Z-Image" in cn.ConceptLabConceptNeuronsInfo.execute(merged).result[0]
 
 
 def test_zimage_cross_family_concepts_are_refused(lab, cn, zi, clip, concept):

@@ -101,7 +101,7 @@ def test_seed_rank_passes_its_chunk_estimate(lab, ss, demo, recorded):
 def test_extract_passes_its_estimate(lab, cn, M, demo, recorded):
     images = subject_images(3)
     with torch.inference_mode():
-        cn.ConceptLabConceptNeuronsExtract().extract(demo.model, demo.clip, demo.vae, images, "a three", "iterative",
+        cn.ConceptLabConceptNeuronsExtract.execute(demo.model, demo.clip, demo.vae, images, "a three", "iterative",
                                                      5.0, 1, 0.3, 0, 0, noise_draws=2)
     need = [v for v in _estimate_calls(recorded, demo.model) if v]
     layers = cn.model_layers(demo.model)
@@ -201,7 +201,7 @@ def test_extract_out_of_memory_is_a_clear_error(lab, cn, demo, monkeypatch):
     params = _param_state(dm)
     monkeypatch.setattr(torch.Tensor, "backward", _oom)   # inside the gradient, weights substituted
     with pytest.raises(lab.runtime.ConceptLabError) as e, torch.inference_mode():
-        cn.ConceptLabConceptNeuronsExtract().extract(demo.model, demo.clip, demo.vae, subject_images(3), "a three",
+        cn.ConceptLabConceptNeuronsExtract.execute(demo.model, demo.clip, demo.vae, subject_images(3), "a three",
                                                      "iterative", 5.0, 1, 0.3, 0, 0, noise_draws=2)
     monkeypatch.undo()
     msg = str(e.value)
@@ -217,7 +217,7 @@ def test_other_errors_pass_through(lab, cn, demo, monkeypatch):
         raise RuntimeError("not a memory problem")
     monkeypatch.setattr(torch.Tensor, "backward", boom)
     with pytest.raises(RuntimeError, match="not a memory problem"), torch.inference_mode():
-        cn.ConceptLabConceptNeuronsExtract().extract(demo.model, demo.clip, demo.vae, subject_images(3), "a three",
+        cn.ConceptLabConceptNeuronsExtract.execute(demo.model, demo.clip, demo.vae, subject_images(3), "a three",
                                                      "iterative", 5.0, 1, 0.3, 0, 0, noise_draws=1)
     assert lab.runtime.is_out_of_memory(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried"))
     assert not lab.runtime.is_out_of_memory(ValueError("out of memory"))

@@ -107,7 +107,7 @@ def test_concept_neurons_extract_and_apply(lab, cn, loaded, family, precision):
         return {n: p.detach().to("cpu", copy=True) for n, p in m.model.diffusion_model.named_parameters()}
     before = weights(model)
     with torch.inference_mode():
-        (full,) = cn.ConceptLabConceptNeuronsApply().apply(model, c, 1.0)
+        (full,) = cn.ConceptLabConceptNeuronsApply.execute(model, c, 1.0)
     guard.check(f"Concept Neurons Apply ({precision})")
     after = weights(full)
     layers = sorted(n for n in c.layers if c.indices[n].numel())
