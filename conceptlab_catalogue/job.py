@@ -42,6 +42,7 @@ from .workflow import (Templates, build_custom, build_subject, fill_text, load_w
 PKG_DIR = Path(__file__).resolve().parent
 PACK_ROOT = PKG_DIR.parent
 PROBE_EVERY = 10.0
+ACTOR_DEATHS = 3          # a server whose actor died more often takes no more subjects in this run
 EXIT_OK, EXIT_ERROR, EXIT_CONFIG, EXIT_FAILED_SUBJECTS = 0, 1, 2, 3
 
 
@@ -61,6 +62,7 @@ class Summary:
     exit_code: int
     finished_here: int = 0  # subjects this run finished
     work_seconds: float | None = None   # this run's first subject start to its last subject end
+    work_window: tuple | None = None    # (first start, last end), epoch seconds
 
     def __str__(self):
         c = self.counts
@@ -74,7 +76,7 @@ class Summary:
 class Server:
     spec: ServerSpec
     actor: object = None
-    state: str = "starting"         # starting, up, down, rejected
+    state: str = "starting"         # starting, up, down (probed), rejected, gone (its actor died for good)
     url: str = ""
     pid: int = 0
     comfyui: str = ""
@@ -86,6 +88,7 @@ class Server:
     done: int = 0
     note: str = ""
     resume: list = field(default_factory=list)
+    actor_deaths: int = 0
 
     def view(self) -> dict:
         return {"label": self.spec.label, "url": self.url or self.spec.url, "state": self.state,
@@ -111,6 +114,8 @@ def init_ray(address: str | None, cfg):
         raise JobError(f"{ERR} Catalogue jobs need Ray. Fix: pip install -r {PKG_DIR / 'requirements.txt'}") from None
     if ray.is_initialized():
         return ray, False
+    # no usage report to Ray's servers (a studio's job should not phone home; set it to 1 to allow)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = address or cfg.ray.get("address") or None
     common = {"namespace": cfg.ray.get("namespace", "conceptlab-catalogue"), "log_to_driver": False}
     if address:
@@ -137,7 +142,6 @@ class Driver:
         self.workflow: dict | None = None
         self.live: dict = {}
         self.stopping = False
-        self.status = "finished"
         self.rate = Rate()
         self.bar = ProgressLine(len(subjects), stream=stream, enabled=progress)
         self._report_due = self._progress_due = 0.0
@@ -202,6 +206,17 @@ class Driver:
         srv.down_since = srv.down_since or time.time()
         srv.next_probe = time.time() + PROBE_EVERY
         self._dirty = True
+
+    def _actor_died(self, srv: Server, err) -> None:
+        """Ray restarts a dead actor (a few times); the new one starts or takes over its server."""
+        self._server_down(srv, f"its actor died ({type(err).__name__})")
+        srv.actor_deaths += 1
+        if srv.actor_deaths > ACTOR_DEATHS:
+            srv.state, srv.note = "gone", f"its actor died {srv.actor_deaths} times"
+            self._requeue_waiting(srv)
+            return
+        srv.state, srv.start_ref = "starting", srv.actor.start.remote(
+            self.ledger.server_record(srv.spec.label) if srv.spec.start else None)
 
     def _inflight_names(self) -> set:
         return {v[1] for v in self.inflight.values()}
@@ -280,9 +295,7 @@ class Driver:
             from ray.exceptions import RayActorError
             e = raw if isinstance(raw, RayActorError) else _cause(raw)
             if isinstance(e, RayActorError):
-                self._server_down(srv, f"its actor died ({type(raw).__name__})")
-                srv.state, srv.start_ref = "starting", srv.actor.start.remote(
-                    self.ledger.server_record(srv.spec.label) if srv.spec.start else None)
+                self._actor_died(srv, raw)
                 self._retry(name, srv, "the server's actor died", pid)
             elif isinstance(e, PromptFailed) and not e.retryable:
                 self.ledger.fail(name, str(e), pid)
@@ -352,6 +365,8 @@ class Driver:
                     self._server_up(srv, self.ray.get(ref))
                 except JobError:
                     raise
+                except RayActorError as err:
+                    self._actor_died(srv, err)
                 except Exception as raw:  # noqa: BLE001
                     self._server_down(srv, f"could not start or reach it: {str(_cause(raw)).splitlines()[0][:300]}")
                     self._requeue_waiting(srv)
@@ -359,8 +374,8 @@ class Driver:
                 ref, srv.probe_ref = srv.probe_ref, None
                 try:
                     ok = bool(self.ray.get(ref))
-                except RayActorError:
-                    srv.state, srv.start_ref = "starting", srv.actor.start.remote(None)
+                except RayActorError as err:
+                    self._actor_died(srv, err)
                     continue
                 except Exception:  # noqa: BLE001
                     ok = False
@@ -426,9 +441,13 @@ class Driver:
                 return "finished"
             usable = [s for s in self.servers if s.state in ("up", "starting")]
             if not usable:
-                if all(s.state == "rejected" for s in self.servers):
-                    raise JobError(f"{ERR} Every server refused the graph: {self.servers[0].note}")
-                since = min(s.down_since or time.time() for s in self.servers)
+                if all(s.state in ("rejected", "gone") for s in self.servers):
+                    if all(s.state == "gone" for s in self.servers):
+                        self.bar.message("[catalogue] every server's actor died; stopping. Run the job again to resume.")
+                        return "no-servers"
+                    note = next(s.note for s in self.servers if s.state == "rejected")
+                    raise JobError(f"{ERR} Every server refused the graph: {note}")
+                since = max(s.down_since or time.time() for s in self.servers)   # none usable since
                 if time.time() - since > self.cfg.server_wait:
                     self.bar.message(f"[catalogue] no server has answered for {self.cfg.server_wait:.0f} s; "
                                      "stopping. Run the job again to resume where it stopped.")
@@ -569,4 +588,4 @@ def run(config, *, address: str | None = None, servers: list | None = None, retr
     code = EXIT_OK if status == "finished" and not counts["failed"] else (
         EXIT_FAILED_SUBJECTS if status == "finished" else EXIT_ERROR)
     return Summary(cfg.name, cfg.output, report, counts, status, time.time() - t0, r and r.rate, code,
-                   r.finished if r else 0, r and r.seconds)
+                   r.finished if r else 0, r and r.seconds, (r.t0, r.t_last) if r and r.t_last else None)

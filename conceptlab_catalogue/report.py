@@ -50,6 +50,13 @@ def render(cfg, ledger, subjects: list, running: bool, servers: list, progress: 
     total = sum(counts[k] for k in ("pending", "running", "done", "failed"))
     refresh = '<meta http-equiv="refresh" content="5">' if running else ""
     flagged = sum(1 for r in ledger.subjects("done") if (r["result"] or {}).get("flagged"))
+    if not servers:    # written from the ledger alone: the servers its subjects ran on
+        seen = {}
+        for r in ledger.subjects():
+            if r["server"]:
+                seen.setdefault(r["server"], 0)
+                seen[r["server"]] += r["state"] == "done"
+        servers = [{"label": u, "url": u, "state": "", "done": n} for u, n in seen.items()]
     server_rows = "".join(
         f"<tr><td>{_e(sv.get('label'))}</td><td>{_e(sv.get('url') or '')}</td><td>{_e(sv.get('state'))}</td>"
         f"<td>{_e(sv.get('comfyui') or '')}</td><td>{sv.get('done', 0)}</td><td>{_e(sv.get('note') or '')}</td></tr>"
