@@ -133,7 +133,8 @@ class ServerActor:
             role, n = role
             if role == "concept":
                 concept["name"] = _concept_name(out)
-                concept.update(self._concept_file(concept["name"]))
+                prefix = str(task["prompt"].get(str(nid), {}).get("inputs", {}).get("filename_prefix", ""))
+                concept.update(self._concept_file(concept["name"], prefix))
             elif role == "concept_info":
                 concept["info"] = "\n".join(str(x) for x in out.get("text", []))
             else:
@@ -145,15 +146,21 @@ class ServerActor:
                                "Fix: end it with Save Image and/or ConceptLab Concept Neurons Save.")
         return {"files": files, "concept": concept}
 
-    def _concept_file(self, name: str) -> dict:
-        if not name:
-            return {}
+    def _concept_file(self, name: str, prefix: str) -> dict:
+        """The concept file Save wrote: by the name it showed, else the newest file of its prefix
+        (``<prefix>_00001_.safetensors``, counted up like Save Image)."""
         if not self.concept_dir:
-            return {"where": f"{self.url}: models/concept_neurons/{name}"}
-        path = Path(self.concept_dir) / name
+            return {"where": f"{self.url}: models/concept_neurons/{name}"} if name else {}
+        folder = Path(self.concept_dir)
+        path = folder / name if name else None
+        if (path is None or not path.is_file()) and prefix:
+            found = sorted(folder.glob(f"{prefix}_*.safetensors"), key=lambda p: p.stat().st_mtime)
+            path = found[-1] if found else path
+        if path is None:
+            return {}
         try:
-            return {"data": path.read_bytes()}
-        except OSError as e:
+            return {"data": path.read_bytes(), "name": str(path.relative_to(folder))}
+        except (OSError, ValueError) as e:
             return {"where": f"{self.url}: models/concept_neurons/{name}", "read_error": str(e)}
 
 

@@ -122,7 +122,8 @@ def init_ray(address: str | None, cfg):
         ray.init(address=address, runtime_env={"py_modules": [str(PKG_DIR)]}, **common)
     else:
         paths = [str(PACK_ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-        ray.init(include_dashboard=False, num_cpus=cfg.ray.get("num_cpus"),
+        # "local": a Ray of its own, never a cluster that a stale /tmp/ray/ray_current_cluster names
+        ray.init(address="local", include_dashboard=False, num_cpus=cfg.ray.get("num_cpus"),
                  runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(paths)}}, **common)
     return ray, True
 
