@@ -17,6 +17,8 @@ Jobs:
   families    each capability's mechanics on a tiny model of every family (Flux.1, Flux.2, Chroma,
               Qwen-Image, Z-Image, SD3/SD3.5): {family: {capability: true|false|"unsupported: ..."}}
   locales     locales/en generated from the nodes' own text; the ja / zh translations checked
+  help-pages  the nodes' help pages (web/docs/, ComfyUI's node help panel) from docs/nodes.md and
+              its ja / zh translations, with the nodes' own text (see benchmarks/help_pages.py)
   gallery     the README's pictures (docs/images/) and every example workflow's template
               thumbnail (example_workflows/<name>.jpg), rendered from real runs
   demo        every capability on the digits-world demo models, end to end through a real ComfyUI
@@ -92,6 +94,9 @@ def main(argv=None) -> int:
     from . import locales as locales_job
     locales_job.add_arguments(lo)
     lo.add_argument("--json", help="write the result to this path")
+    hp = sub.add_parser("help-pages", help="generate the nodes' help pages (web/docs/) from docs/nodes.md")
+    from . import help_pages as help_job
+    help_job.add_arguments(hp)
     g = sub.add_parser("gallery", help="render the README pictures and the template thumbnails from real runs")
     from . import gallery as gallery_job
     gallery_job.add_arguments(g)
@@ -126,6 +131,10 @@ def main(argv=None) -> int:
         print(_table([(f, ", ".join(f"{c} {v}" for c, v in r.items())) for f, r in res["families"].items()]))
     elif args.job == "locales":
         res = locales_job.run(args)
+    elif args.job == "help-pages":
+        res = help_job.run(args)
+        if not res["ok"]:
+            return 1
     elif args.job == "gallery":
         res = gallery_job.run(args)
     elif args.job == "foundation":

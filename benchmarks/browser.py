@@ -265,6 +265,33 @@ class FrontEnd:
         return front_end_baseline(vue=vue, browser=self.browser)
 
 
+def shared_front_end(env: dict | None = None):
+    """A module's :class:`FrontEnd`, for a module-scoped pytest fixture::
+
+        front_end = pytest.fixture(scope="module")(br.shared_front_end)
+
+    Skips (the reason from :func:`preflight`) where the browser tests cannot run. ``env`` is set
+    for the server process only (e.g. ``{"OMP_NUM_THREADS": "1"}``)."""
+    import pytest
+    why = preflight()
+    if why:
+        pytest.skip(why)
+    saved = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
+    try:
+        fe = FrontEnd().__enter__()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    try:
+        yield fe
+    finally:
+        fe.__exit__(None, None, None)
+
+
 def renderer(page) -> dict:
     """Which renderer the page draws nodes with: ``{registered, value, vueNodesMode}`` (whether
     the front end has the Nodes 2.0 setting, its value, and whether the canvas draws Vue nodes)."""

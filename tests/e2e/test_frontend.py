@@ -123,13 +123,7 @@ def _get(url: str):
         return e.code, e.read()
 
 
-@pytest.fixture(scope="module")
-def front_end():
-    why = br.preflight()
-    if why:
-        pytest.skip(why)
-    with br.FrontEnd() as fe:
-        yield fe
+front_end = pytest.fixture(scope="module")(br.shared_front_end)   # one server and browser here
 
 
 def test_the_server_serves_the_extension(front_end):

@@ -118,15 +118,9 @@ def _quick(workflow: dict, steps: int = 8, seed: int = 1234) -> dict:
 
 @pytest.fixture(scope="module")
 def front_end():
-    why = br.preflight()
-    if why:
-        pytest.skip(why)
     # One torch thread in the server: on a busy 2-core machine OpenMP threads wait on each other
     # and sampling even this tiny model can take many times longer.
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("OMP_NUM_THREADS", "1")
-        with br.FrontEnd() as fe:
-            yield fe
+    yield from br.shared_front_end({"OMP_NUM_THREADS": "1"})
 
 
 @pytest.mark.parametrize("vue", [False, True], ids=br.RENDERER_IDS)

@@ -91,13 +91,7 @@ async () => {
 """
 
 
-@pytest.fixture(scope="module")
-def front_end():
-    why = br.preflight()
-    if why:
-        pytest.skip(why)
-    with br.FrontEnd() as fe:
-        yield fe
+front_end = pytest.fixture(scope="module")(br.shared_front_end)   # one server and browser here
 
 
 @pytest.mark.parametrize("vue", [False, True], ids=br.RENDERER_IDS)
