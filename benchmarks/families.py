@@ -102,14 +102,14 @@ class Checks:
         return True
 
     def seed_search(self):
-        node = self.nodes["ConceptLabSeedSearch"]()
+        ss = cr.pack_module("nodes.seed_search")
         pos, neg = self.encode("an eight"), self.encode("")
         with torch.inference_mode():
-            node.search(self.t.model, self.t.vae, pos, neg, self.latent(1), self.images(), seed=3, cfg=2.0,
-                        iterations=4, search_steps=2, learning_rate=0.3, lr_drop_after=100,
-                        norm_regulariser=True, norm_weight=0.1, semantic_steps=1, semantic_weight=0.0,
-                        appearance_weight=1.0, appearance_target="mean")
-        curve = node.last_result.curve
+            out = ss.search_noise(self.t.model, self.t.vae, pos, neg, self.latent(1), self.images(), seed=3, cfg=2.0,
+                                  iterations=4, search_steps=2, learning_rate=0.3, lr_drop_after=100,
+                                  norm_regulariser=True, norm_weight=0.1, semantic_steps=1, semantic_weight=0.0,
+                                  appearance_weight=1.0, appearance_target="mean")
+        curve = out.result.curve
         return bool(len(curve) > 1 and min(curve[1:]) < curve[0])
 
     def concept_neurons(self):

@@ -473,7 +473,6 @@ def probe_seed(o: dict) -> dict:
     cv = clip_vision(cv_config, o["quick"]) if o.get("semantic", True) else None
     pos, neg, refs = _seed_inputs(o, kind, dtype, size)
     lat = empty_latent(size)
-    node = pack.NODE_CLASS_MAPPINGS["ConceptLabSeedSearch"]()
     import comfy.model_management as mm
     mm.load_models_gpu([model])
     args = dict(seed=1, cfg=5.0, iterations=1, search_steps=steps, learning_rate=0.1, lr_drop_after=10,
@@ -488,7 +487,7 @@ def probe_seed(o: dict) -> dict:
         model, vae, cv, lat["samples"], args["cfg"], steps), "seed_search_estimate")
     with Peak() as p, phases:
         with torch.inference_mode():
-            node.search(model, vae, pos, neg, lat, refs, clip_vision=cv, **args)
+            cr.pack_module("nodes.seed_search").search_noise(model, vae, pos, neg, lat, refs, clip_vision=cv, **args)
     res = {"peak_gb": round(p.peak / 1024, 2), "peak_above_loaded_gb": round(p.extra / 1024, 2),
            "loaded_gb": round(loaded / 1024, 2), "seconds_per_iteration": round(p.seconds, 1),
            "estimate_gb": round(est.total / 2 ** 30, 2),

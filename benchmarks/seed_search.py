@@ -133,13 +133,11 @@ def _search_args(args, norm: bool) -> dict:
 
 
 def _rank(ss, model, vae, pos, neg, lat, refs, seed, n, args):
-    node = ss.ConceptLabSeedRank()
     with torch.inference_mode():
-        best, _ = node.rank(model, vae, pos, neg, lat, refs, seed=seed, candidates=n, cfg=args.cfg,
-                            batch_size=32, clip_vision=args.clip_vision,
-                            semantic_weight=args.semantic_weight,
-                            appearance_weight=args.appearance_weight, appearance_target=args.appearance_target)
-    return best
+        return ss.rank_seeds(model, vae, pos, neg, lat, refs, seed=seed, candidates=n, cfg=args.cfg,
+                             batch_size=32, clip_vision=args.clip_vision,
+                             semantic_weight=args.semantic_weight,
+                             appearance_weight=args.appearance_weight, appearance_target=args.appearance_target).best_seed
 
 
 def _reads(images, judge):
@@ -195,7 +193,7 @@ def memory_probe(spec: str, args) -> dict:
             a = _search_args(args, True)
             a["iterations"] = 2
             with torch.inference_mode():
-                ss.ConceptLabSeedSearch().search(model, vae, pos, neg, lat, refs, seed=1, **a)
+                ss.search_noise(model, vae, pos, neg, lat, refs, seed=1, **a)
         elif spec == "rank":
             _rank(ss, model, vae, pos, neg, lat, refs, 0, 32, args)
     return {"mode": spec, "peak_rss_delta_mb": round(m.delta_mb, 2), "baseline_rss_mb": round(m.base / 2 ** 20, 1)}
@@ -236,15 +234,14 @@ def run(args) -> dict:
         r_random = _reads(imgs, judge)
         row = {"references": ref_idx, "prompt": S.class_prompt(cls)}
         for mode, norm, tl in (("seedselect", True, t_search), ("seedselect_no_norm", False, t_search_nn)):
-            node = ss.ConceptLabSeedSearch()
             t = time.perf_counter()
             with torch.inference_mode():
-                _, nl, _ = node.search(model, vae, pos, neg, lat, refs, seed=seed, **_search_args(args, norm))
+                out = ss.search_noise(model, vae, pos, neg, lat, refs, seed=seed, **_search_args(args, norm))
+            nl, res = out.latent, out.result
             tl.append((time.perf_counter() - t) / B)
             z = nl["samples"]
             r = _reads(_sample(model, vae, z, pos, neg, lat, args.steps, args.cfg), judge)
             reads_all[mode] += [x == cls for x in r]
-            res = node.last_result
             row[mode] = {"reads": r, "success": round(float(np.mean([x == cls for x in r])), 3),
                          "iterations_run": res.iterations, "stopped_early": res.stopped_early,
                          "curve": [round(c, 4) for c in res.curve],

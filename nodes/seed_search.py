@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -38,6 +39,7 @@ from ._runtime import (Progress, check_interrupt, compute_dtype, fail, frame_lat
                        dit_blocks, interrupt_types, is_out_of_memory, latent_channels, load_for_compute, out_of_memory_guard, require_family,
                        train_usage_factor,
                        vae_frames, vae_ratio)
+from ._schema import combo, graph_node_id, io, memory_input, numbered_inputs, numbered_values, schema
 
 SEARCH = "ConceptLab Seed Search (optimise)"
 RANK = "ConceptLab Seed Rank (best-of-N)"
@@ -427,50 +429,55 @@ def loss_plot(curve: list, best_it: int, width: int = 320, height: int = 200) ->
 # shared input declarations
 # ---------------------------------------------------------------------------------------------
 def _common_inputs():
-    return {
-        "model": ("MODEL", {"tooltip": "The diffusion model you will sample with (SD1.x, SD2.x, "
-                                       "SDXL or SD3). It is not modified."}),
-        "vae": ("VAE", {"tooltip": "The model's VAE: decodes candidates for the losses and encodes "
-                                   "the references."}),
-        "positive": ("CONDITIONING", {"tooltip": "The prompt you will sample with (e.g. 'an eight')."}),
-        "negative": ("CONDITIONING", {"tooltip": "The negative prompt you will sample with."}),
-        "latent": ("LATENT", {"tooltip": "An empty latent: sets the image size and batch size."}),
-        "references": ("IMAGE", {"tooltip": "1 to 10 images of the concept (a batch). Any size: they "
-                                            "are resized to the latent's pixel size."}),
-    }
+    return [
+        io.Model.Input("model", tooltip="The diffusion model you will sample with (SD1.x, SD2.x, "
+                                        "SDXL or SD3). It is not modified."),
+        io.Vae.Input("vae", tooltip="The model's VAE: decodes candidates for the losses and encodes "
+                                    "the references."),
+        io.Conditioning.Input("positive", tooltip="The prompt you will sample with (e.g. 'an eight')."),
+        io.Conditioning.Input("negative", tooltip="The negative prompt you will sample with."),
+        io.Latent.Input("latent", tooltip="An empty latent: sets the image size and batch size."),
+        io.Image.Input("references", tooltip="1 to 10 images of the concept (a batch). Any size: they "
+                                             "are resized to the latent's pixel size."),
+    ]
+
+
+#: The reference inputs after the first: they appear one by one as the user connects them.
+MORE_REFERENCES = ("references_2", "references_3")
 
 
 def _optional_inputs():
-    return {
-        "clip_vision": ("CLIP_VISION", {"tooltip": "Optional. Semantic loss on CLIP vision "
-                                                   "embeddings (SeedSelect). Without it, a pooled "
-                                                   "embedding from the VAE's own encoder is used."}),
-        "references_2": ("IMAGE", {"tooltip": "Optional more references, of any size."}),
-        "references_3": ("IMAGE", {"tooltip": "Optional more references, of any size."}),
-    }
+    return [
+        io.ClipVision.Input("clip_vision", optional=True,
+                            tooltip="Optional. Semantic loss on CLIP vision "
+                                    "embeddings (SeedSelect). Without it, a pooled "
+                                    "embedding from the VAE's own encoder is used."),
+        *numbered_inputs("more_references", MORE_REFERENCES, lambda name: io.Image.Input(
+            name, optional=True, tooltip="Optional more references, of any size.")),
+    ]
 
 
 def _seed_cfg_inputs(seed_tip: str, cfg_tip: str):
-    return {
-        "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "tooltip": seed_tip}),
-        "cfg": ("FLOAT", {"default": 3.0, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": cfg_tip}),
-    }
+    return [
+        io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, tooltip=seed_tip),
+        io.Float.Input("cfg", default=3.0, min=0.0, max=100.0, step=0.1, tooltip=cfg_tip),
+    ]
 
 
 def _loss_inputs():
-    return {
-        "semantic_weight": ("FLOAT", {"default": 10.0, "min": 0.0, "max": 1000.0, "step": 0.1,
-                                      "tooltip": "Weight of the semantic loss (1 - cosine to the "
-                                                 "references' mean embedding). SeedSelect: 10."}),
-        "appearance_weight": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1000.0, "step": 0.1,
-                                        "tooltip": "Weight of the appearance loss (MSE of the final "
-                                                   "latent to the references' VAE latents)."}),
-        "appearance_target": (["mean", "nearest"], {"default": "mean",
-                                                    "tooltip": "mean: the references' mean latent "
-                                                               "(SeedSelect). nearest: the closest "
-                                                               "single reference (sharper when the "
-                                                               "mean of different shapes is a blur)."}),
-    }
+    return [
+        io.Float.Input("semantic_weight", default=10.0, min=0.0, max=1000.0, step=0.1,
+                       tooltip="Weight of the semantic loss (1 - cosine to the "
+                               "references' mean embedding). SeedSelect: 10."),
+        io.Float.Input("appearance_weight", default=1.0, min=0.0, max=1000.0, step=0.1,
+                       tooltip="Weight of the appearance loss (MSE of the final "
+                               "latent to the references' VAE latents)."),
+        combo("appearance_target", ["mean", "nearest"], default="mean",
+              tooltip="mean: the references' mean latent "
+                      "(SeedSelect). nearest: the closest "
+                      "single reference (sharper when the "
+                      "mean of different shapes is a blur)."),
+    ]
 
 
 def vit_shape(clip_vision):
@@ -552,162 +559,225 @@ def _prepare(node, model, vae, latent, references, references_2, references_3, c
 
 
 # ---------------------------------------------------------------------------------------------
-# nodes
+# the work of the nodes (module-level: V3 nodes keep no state; tests and benchmarks call these)
 # ---------------------------------------------------------------------------------------------
-class ConceptLabSeedSearch:
-    DESCRIPTION = (
-        "Finds initial noise that makes a rare concept appear (SeedSelect), from 1 to 10 reference "
-        "images, without fine-tuning. It optimises the noise itself: each iteration runs a short "
-        "sampler with gradients (checkpointed) through your model, and lowers 1 - cosine between the "
-        "generated image's embedding and the references' (CLIP vision, or the VAE encoder without "
-        "one) plus the distance of the final latent to the references' mean latent. A norm prior "
-        "keeps the noise on the Gaussian shell (ReNO); the best iterate is kept and the search stops "
-        "when the loss keeps rising. Outputs: NOISE for SamplerCustomAdvanced (ComfyUI 0.3.x), the "
-        "noise as a LATENT, and the loss curve. Sample with the same prompt, latent and CFG.")
-    CATEGORY = "ConceptLab/seed search"
-    FUNCTION = "search"
-    RETURN_TYPES = ("NOISE", "LATENT", "IMAGE")
-    RETURN_NAMES = ("noise", "noise_latent", "loss_curve")
-    OUTPUT_TOOLTIPS = (
-        "The optimised noise, for SamplerCustomAdvanced's noise input (use the same latent).",
-        "The optimised unit-variance noise as a LATENT (what the sampler scales by sigma_max).",
-        "The objective per iteration; the red circle marks the kept (best) iterate.")
+class SearchOutput(NamedTuple):
+    """What Seed Search computes: its outputs, and the kernel's result (the loss curve, the best
+    iterate, ...)."""
 
-    @classmethod
-    def INPUT_TYPES(cls):
-        req = _common_inputs()
-        req.update(_seed_cfg_inputs("Seed of the starting noise (the noise a stock KSampler would "
-                                    "draw with this seed).",
-                                    "CFG scale inside the search; use the one you sample with."))
-        req.update({
-            "iterations": ("INT", {"default": 30, "min": 1, "max": 500,
-                                   "tooltip": "Gradient steps at most (SeedSelect: 30)."}),
-            "search_steps": ("INT", {"default": 6, "min": 1, "max": 100,
-                                     "tooltip": "Sampling steps of the short differentiable "
-                                                "sampler inside each iteration (Euler)."}),
-            "learning_rate": ("FLOAT", {"default": 0.1, "min": 0.0001, "max": 10.0, "step": 0.001,
-                                        "tooltip": "Adam learning rate (SeedSelect: 0.1, then "
-                                                   "0.01)."}),
-            "lr_drop_after": ("INT", {"default": 10, "min": 1, "max": 500,
-                                      "tooltip": "The learning rate drops 10x after this many "
-                                                 "iterations (SeedSelect: 3 of 30)."}),
-            "norm_regulariser": ("BOOLEAN", {"default": True,
-                                             "tooltip": "Keep the noise on the Gaussian shell "
-                                                        "(ReNO's norm prior). Off: plain "
-                                                        "SeedSelect."}),
-            "norm_weight": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1000.0, "step": 0.1,
-                                      "tooltip": "Weight of the norm prior (0 on the shell; it "
-                                                 "grows as ||z|| leaves sqrt(d))."}),
-            "semantic_steps": ("INT", {"default": 3, "min": 1, "max": 3,
-                                       "tooltip": "Read the semantic loss on the images of the "
-                                                  "last 1-3 steps (SeedSelect: 3, weighted "
-                                                  "0.05/0.25/0.7). Fewer is faster."}),
-        })
-        req.update(_loss_inputs())
-        return {"required": req, "optional": _optional_inputs(), "hidden": {"unique_id": "UNIQUE_ID"}}
+    noise: "OptimisedNoise"
+    latent: dict
+    loss_curve: torch.Tensor
+    result: K.SearchResult
+    info: str = ""
 
-    @out_of_memory_guard(SEARCH, SEARCH_LOWER)
-    def search(self, model, vae, positive, negative, latent, references, seed, cfg, iterations,
-               search_steps, learning_rate, lr_drop_after, norm_regulariser, norm_weight, semantic_steps,
+
+@out_of_memory_guard(SEARCH, SEARCH_LOWER)
+def search_noise(model, vae, positive, negative, latent, references, seed, cfg, iterations,
+                 search_steps, learning_rate, lr_drop_after, norm_regulariser, norm_weight, semantic_steps,
+                 semantic_weight, appearance_weight, appearance_target="mean", clip_vision=None,
+                 references_2=None, references_3=None, unique_id=None, patience=3, **kwargs) -> SearchOutput:
+    """Seed Search. ``unique_id``: the graph node to report progress on; ``kwargs``: node inputs
+    this version of the search does not read (``memory``)."""
+    latent, objective = _prepare(SEARCH, model, vae, latent, references, references_2, references_3,
+                                 clip_vision, semantic_weight, appearance_weight, appearance_target,
+                                 need=lambda lat: memory_estimate(model, vae, clip_vision, lat["samples"], cfg,
+                                                                  search_steps, semantic_weight > 0))
+    samples = latent["samples"]
+    z0 = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
+    sigmas = schedule(model, search_steps)
+    progress = Progress(iterations, node_id=unique_id)
+    step_loss = objective.step_loss_fn(search_steps, semantic_steps)
+
+    def body(denoise, to_x, sig):
+        with differentiable(model, vae, clip_vision):
+            return K.optimise_noise(
+                z0, to_x, denoise, sig.float(), step_loss, iterations=iterations, lr=learning_rate,
+                lr_drop_after=lr_drop_after, norm_weight=norm_weight if norm_regulariser else 0.0,
+                patience=patience, on_iteration=lambda it, v: progress.step())
+
+    res = run_inside_sampler(model, positive, negative, samples, cfg, sigmas, z0, seed, body)
+    best = res.best_z.detach().cpu().float()
+    best_it = int(res.best_iteration.float().mean().round()) if len(res.curve) else 0
+    plot = loss_plot(res.curve, best_it)
+    return SearchOutput(OptimisedNoise(best, seed), {"samples": best}, plot, res,
+                        search_info(res, best_it, objective.embedding, iterations))
+
+
+def search_info(res, best_it: int, embedding: str, iterations: int) -> str:
+    """Seed Search's info output: what ran and what it reached."""
+    lines = [f"embedding: {embedding}",
+             f"iterations: {res.iterations} of {iterations}"
+             + (" (stopped early: the objective kept rising)" if res.stopped_early else "")]
+    if res.curve:
+        lines.append(f"objective: {res.curve[0]:.5f} at the start, {min(res.curve):.5f} at best "
+                     f"(iteration {best_it}, kept)")
+    return "\n".join(lines)
+
+
+class RankOutput(NamedTuple):
+    """What Seed Rank computes: the best seed, the ranking text, and the ranking itself
+    (``[(seed, score), ...]``, best first)."""
+
+    best_seed: int
+    text: str
+    ranking: list
+
+
+@out_of_memory_guard(RANK, RANK_LOWER)
+def rank_seeds(model, vae, positive, negative, latent, references, seed, candidates, cfg, batch_size,
                semantic_weight, appearance_weight, appearance_target="mean", clip_vision=None,
-               references_2=None, references_3=None, unique_id=None, patience=3):
-        latent, objective = _prepare(SEARCH, model, vae, latent, references, references_2, references_3,
-                                     clip_vision, semantic_weight, appearance_weight, appearance_target,
-                                     need=lambda lat: memory_estimate(model, vae, clip_vision, lat["samples"], cfg,
-                                                                      search_steps, semantic_weight > 0))
-        samples = latent["samples"]
-        z0 = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
-        sigmas = schedule(model, search_steps)
-        progress = Progress(iterations, node_id=unique_id)
-        step_loss = objective.step_loss_fn(search_steps, semantic_steps)
+               references_2=None, references_3=None, unique_id=None, **kwargs) -> RankOutput:
+    """Seed Rank. ``unique_id``: the graph node to report progress on."""
+    def chunk_need(lat):     # one chunk: min(candidates, batch_size // batch) latents per call
+        s = lat["samples"]
+        per = min(max(1, batch_size // s.shape[0]), candidates) * s.shape[0]
+        return memory_estimate(model, vae, clip_vision, torch.empty((per, *s.shape[1:]), device="meta"), cfg,
+                               None, semantic_weight > 0)
+    latent, objective = _prepare(RANK, model, vae, latent, references, references_2, references_3,
+                                 clip_vision, semantic_weight, appearance_weight, appearance_target,
+                                 need=chunk_need)
+    samples = latent["samples"]
+    b = samples.shape[0]
+    seeds = [seed + i for i in range(candidates)]
+    per_call = max(1, batch_size // b)
+    chunks = [seeds[i:i + per_call] for i in range(0, len(seeds), per_call)]
+    progress = Progress(len(chunks), node_id=unique_id)
+    sigmas = schedule(model, 1)
+    scores = []
+    for chunk in chunks:
+        noise = torch.cat([comfy.sample.prepare_noise(samples, s, latent.get("batch_index")) for s in chunk])
+        lat = samples.repeat(len(chunk), *[1] * (samples.ndim - 1))
 
         def body(denoise, to_x, sig):
-            with differentiable(model, vae, clip_vision):
-                return K.optimise_noise(
-                    z0, to_x, denoise, sig.float(), step_loss, iterations=iterations, lr=learning_rate,
-                    lr_drop_after=lr_drop_after, norm_weight=norm_weight if norm_regulariser else 0.0,
-                    patience=patience, on_iteration=lambda it, v: progress.step())
+            with torch.inference_mode(False), torch.no_grad():
+                z = noise.to(sig.device)
+                sc, _ = K.one_step_scores(z, to_x, denoise, sig[0].float(), objective.score)
+            return sc.view(len(chunk), b).mean(1).cpu()
 
-        res = run_inside_sampler(model, positive, negative, samples, cfg, sigmas, z0, seed, body)
-        best = res.best_z.detach().cpu().float()
-        self.last_result = res
-        best_it = int(res.best_iteration.float().mean().round()) if len(res.curve) else 0
-        plot = loss_plot(res.curve, best_it)
-        return (OptimisedNoise(best, seed), {"samples": best}, plot)
+        scores.append(run_inside_sampler(model, positive, negative, lat, cfg, sigmas, noise, chunk[0], body))
+        progress.step()
+    ranking = K.rank(torch.cat(scores), seeds)
+    lines = [f"embedding: {objective.embedding}; lower score is better"]
+    lines += [f"{i + 1:>4}  seed {s:<12d} score {v:.5f}" for i, (s, v) in enumerate(ranking)]
+    return RankOutput(ranking[0][0], "\n".join(lines), ranking)
 
 
-class ConceptLabSeedRank:
-    DESCRIPTION = (
-        "Best-of-N seeds: scores N random seeds (seed, seed+1, ...) with the same objective as Seed "
-        "Search, read on a one-call prediction (the model's x0 estimate at the first sigma, batched), "
-        "and outputs the best seed as an INT. Connect it to any stock KSampler's seed (same prompt, "
-        "latent and CFG): the result is reproducible without this pack. Much cheaper per candidate "
-        "than optimising, and works on every ComfyUI version.")
-    CATEGORY = "ConceptLab/seed search"
-    FUNCTION = "rank"
-    RETURN_TYPES = ("INT", "STRING")
-    RETURN_NAMES = ("best_seed", "ranking")
-    OUTPUT_TOOLTIPS = ("The best seed; feed it to a KSampler (same latent, prompt and CFG).",
-                       "All candidates, best first: rank, seed and score (lower is better).")
+def _references(more_references, references_2, references_3) -> dict:
+    """The extra references as search_noise / rank_seeds take them, from the Autogrow group
+    (ComfyUI 0.33) or the inputs of those names (0.3.75, and workflows saved before)."""
+    return numbered_values(more_references, MORE_REFERENCES, references_2=references_2, references_3=references_3)
+
+
+# ---------------------------------------------------------------------------------------------
+# nodes
+# ---------------------------------------------------------------------------------------------
+_ALIASES = ["SeedSelect", "seed", "noise", "rare concept", "find seed", "best seed"]
+
+
+class ConceptLabSeedSearch(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(
+            node_id="ConceptLabSeedSearch", display_name=SEARCH, category="ConceptLab/seed search",
+            description=(
+                "Finds initial noise that makes a rare concept appear (SeedSelect), from 1 to 10 reference "
+                "images, without fine-tuning. It optimises the noise itself: each iteration runs a short "
+                "sampler with gradients (checkpointed) through your model, and lowers 1 - cosine between the "
+                "generated image's embedding and the references' (CLIP vision, or the VAE encoder without "
+                "one) plus the distance of the final latent to the references' mean latent. A norm prior "
+                "keeps the noise on the Gaussian shell (ReNO); the best iterate is kept and the search stops "
+                "when the loss keeps rising. Outputs: NOISE for SamplerCustomAdvanced (ComfyUI 0.3.x), the "
+                "noise as a LATENT, and the loss curve. Sample with the same prompt, latent and CFG."),
+            search_aliases=_ALIASES + ["ReNO", "seed search", "noise optimization", "optimise noise",
+                                       "initial noise"],
+            hidden=[io.Hidden.unique_id],
+            inputs=[
+                *_common_inputs(),
+                *_seed_cfg_inputs("Seed of the starting noise (the noise a stock KSampler would "
+                                  "draw with this seed).",
+                                  "CFG scale inside the search; use the one you sample with."),
+                io.Int.Input("iterations", default=30, min=1, max=500,
+                             tooltip="Gradient steps at most (SeedSelect: 30)."),
+                io.Int.Input("search_steps", default=6, min=1, max=100,
+                             tooltip="Sampling steps of the short differentiable "
+                                     "sampler inside each iteration (Euler)."),
+                io.Float.Input("learning_rate", default=0.1, min=0.0001, max=10.0, step=0.001,
+                               tooltip="Adam learning rate (SeedSelect: 0.1, then "
+                                       "0.01)."),
+                io.Int.Input("lr_drop_after", default=10, min=1, max=500,
+                             tooltip="The learning rate drops 10x after this many "
+                                     "iterations (SeedSelect: 3 of 30)."),
+                io.Boolean.Input("norm_regulariser", default=True,
+                                 tooltip="Keep the noise on the Gaussian shell "
+                                         "(ReNO's norm prior). Off: plain "
+                                         "SeedSelect."),
+                io.Float.Input("norm_weight", default=1.0, min=0.0, max=1000.0, step=0.1,
+                               tooltip="Weight of the norm prior (0 on the shell; it "
+                                       "grows as ||z|| leaves sqrt(d))."),
+                io.Int.Input("semantic_steps", default=3, min=1, max=3,
+                             tooltip="Read the semantic loss on the images of the "
+                                     "last 1-3 steps (SeedSelect: 3, weighted "
+                                     "0.05/0.25/0.7). Fewer is faster."),
+                *_loss_inputs(),
+                *_optional_inputs(),
+                memory_input(),
+            ],
+            outputs=[
+                io.Noise.Output(display_name="noise",
+                                tooltip="The optimised noise, for SamplerCustomAdvanced's noise input (use the same latent)."),
+                io.Latent.Output(display_name="noise_latent",
+                                 tooltip="The optimised unit-variance noise as a LATENT (what the sampler scales by "
+                                         "sigma_max)."),
+                io.Image.Output(display_name="loss_curve",
+                                tooltip="The objective per iteration; the red circle marks the kept (best) iterate."),
+                io.String.Output(display_name="info",
+                                 tooltip="What the search ran and reached: the embedding, the iterations, the "
+                                         "objective at the start and at the kept iterate."),
+            ])
 
     @classmethod
-    def INPUT_TYPES(cls):
-        req = _common_inputs()
-        req.update(_seed_cfg_inputs("First candidate seed; candidates are seed, seed+1, ...",
-                                    "CFG scale of the scoring call; use the one you sample with."))
-        req.update({
-            "candidates": ("INT", {"default": 32, "min": 1, "max": 4096,
-                                   "tooltip": "How many seeds to score (N)."}),
-            "batch_size": ("INT", {"default": 16, "min": 1, "max": 256,
-                                   "tooltip": "Candidates scored per model call (memory vs speed)."}),
-        })
-        req.update(_loss_inputs())
-        return {"required": req, "optional": _optional_inputs(), "hidden": {"unique_id": "UNIQUE_ID"}}
-
-    @out_of_memory_guard(RANK, RANK_LOWER)
-    def rank(self, model, vae, positive, negative, latent, references, seed, candidates, cfg, batch_size,
-             semantic_weight, appearance_weight, appearance_target="mean", clip_vision=None,
-             references_2=None, references_3=None, unique_id=None):
-        def chunk_need(lat):     # one chunk: min(candidates, batch_size // batch) latents per call
-            s = lat["samples"]
-            per = min(max(1, batch_size // s.shape[0]), candidates) * s.shape[0]
-            return memory_estimate(model, vae, clip_vision, torch.empty((per, *s.shape[1:]), device="meta"), cfg,
-                                   None, semantic_weight > 0)
-        latent, objective = _prepare(RANK, model, vae, latent, references, references_2, references_3,
-                                     clip_vision, semantic_weight, appearance_weight, appearance_target,
-                                     need=chunk_need)
-        samples = latent["samples"]
-        b = samples.shape[0]
-        seeds = [seed + i for i in range(candidates)]
-        per_call = max(1, batch_size // b)
-        chunks = [seeds[i:i + per_call] for i in range(0, len(seeds), per_call)]
-        progress = Progress(len(chunks), node_id=unique_id)
-        sigmas = schedule(model, 1)
-        scores = []
-        for chunk in chunks:
-            noise = torch.cat([comfy.sample.prepare_noise(samples, s, latent.get("batch_index")) for s in chunk])
-            lat = samples.repeat(len(chunk), *[1] * (samples.ndim - 1))
-
-            def body(denoise, to_x, sig):
-                with torch.inference_mode(False), torch.no_grad():
-                    z = noise.to(sig.device)
-                    sc, _ = K.one_step_scores(z, to_x, denoise, sig[0].float(), objective.score)
-                return sc.view(len(chunk), b).mean(1).cpu()
-
-            scores.append(run_inside_sampler(model, positive, negative, lat, cfg, sigmas, noise, chunk[0], body))
-            progress.step()
-        ranking = K.rank(torch.cat(scores), seeds)
-        lines = [f"embedding: {objective.embedding}; lower score is better"]
-        lines += [f"{i + 1:>4}  seed {s:<12d} score {v:.5f}" for i, (s, v) in enumerate(ranking)]
-        self.last_ranking = ranking
-        return (ranking[0][0], "\n".join(lines))
+    def execute(cls, more_references=None, references_2=None, references_3=None, **inputs):
+        out = search_noise(**inputs, **_references(more_references, references_2, references_3),
+                           unique_id=graph_node_id(cls))
+        return io.NodeOutput(out.noise, out.latent, out.loss_curve, out.info)
 
 
-NODE_CLASS_MAPPINGS = {
-    "ConceptLabSeedSearch": ConceptLabSeedSearch,
-    "ConceptLabSeedRank": ConceptLabSeedRank,
-}
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "ConceptLabSeedSearch": SEARCH,
-    "ConceptLabSeedRank": RANK,
-}
+class ConceptLabSeedRank(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return schema(
+            node_id="ConceptLabSeedRank", display_name=RANK, category="ConceptLab/seed search",
+            description=(
+                "Best-of-N seeds: scores N random seeds (seed, seed+1, ...) with the same objective as Seed "
+                "Search, read on a one-call prediction (the model's x0 estimate at the first sigma, batched), "
+                "and outputs the best seed as an INT. Connect it to any stock KSampler's seed (same prompt, "
+                "latent and CFG): the result is reproducible without this pack. Much cheaper per candidate "
+                "than optimising, and works on every ComfyUI version."),
+            search_aliases=_ALIASES + ["best-of-N", "best of n", "rank seeds", "seed picker"],
+            hidden=[io.Hidden.unique_id],
+            inputs=[
+                *_common_inputs(),
+                *_seed_cfg_inputs("First candidate seed; candidates are seed, seed+1, ...",
+                                  "CFG scale of the scoring call; use the one you sample with."),
+                io.Int.Input("candidates", default=32, min=1, max=4096, tooltip="How many seeds to score (N)."),
+                io.Int.Input("batch_size", default=16, min=1, max=256,
+                             tooltip="Candidates scored per model call (memory vs speed)."),
+                *_loss_inputs(),
+                *_optional_inputs(),
+            ],
+            outputs=[
+                io.Int.Output(display_name="best_seed",
+                              tooltip="The best seed; feed it to a KSampler (same latent, prompt and CFG)."),
+                io.String.Output(display_name="ranking",
+                                 tooltip="All candidates, best first: rank, seed and score (lower is better)."),
+            ])
+
+    @classmethod
+    def execute(cls, more_references=None, references_2=None, references_3=None, **inputs):
+        out = rank_seeds(**inputs, **_references(more_references, references_2, references_3),
+                         unique_id=graph_node_id(cls))
+        return io.NodeOutput(out.best_seed, out.text)
+
+
+NODES = [ConceptLabSeedSearch, ConceptLabSeedRank]

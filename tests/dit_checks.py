@@ -94,11 +94,9 @@ def check_search_and_rank(lab, ss, tiny, vae, latents: list, refs, learning_rate
     guard, vae_guard = lab.runtime.ModelGuard.of(model), lab.runtime.ModelGuard.of(vae.first_stage_model)
     pos, neg = encode(lab, tiny.clip, "a three"), encode(lab, tiny.clip, "")
     for lat in latents:
-        node = ss.ConceptLabSeedSearch()
         with torch.inference_mode():
-            noise, noise_latent, _ = node.search(model, vae, pos, neg, lat, refs, learning_rate=learning_rate,
-                                                 **SEARCH)
-        res = node.last_result
+            out = ss.search_noise(model, vae, pos, neg, lat, refs, learning_rate=learning_rate, **SEARCH)
+        noise, noise_latent, res = out.noise, out.latent, out.result
         assert res.iterations == 3 and min(res.curve[1:]) < res.curve[0], res.curve
         assert noise_latent["samples"].shape == noise_shape
         with torch.inference_mode():
@@ -109,17 +107,16 @@ def check_search_and_rank(lab, ss, tiny, vae, latents: list, refs, learning_rate
             ref = comfy.sample.sample(model, noise_latent["samples"], 3, 2.0, "euler", "normal", pos, neg,
                                       ss.fix_latent(model, lat)["samples"], disable_pbar=True)
         assert out["samples"].shape == noise_shape and torch.allclose(out["samples"], ref, atol=1e-5)
-    rank = ss.ConceptLabSeedRank()
     lat = latents[0]
     with torch.inference_mode():
-        best, _ = rank.rank(model, vae, pos, neg, lat, refs, seed=10, candidates=3, cfg=2.0, batch_size=2,
-                            semantic_weight=1.0, appearance_weight=1.0)
+        best, _, ranking = ss.rank_seeds(model, vae, pos, neg, lat, refs, seed=10, candidates=3, cfg=2.0,
+                                         batch_size=2, semantic_weight=1.0, appearance_weight=1.0)
         (one,) = lab.nodes.KSampler().sample(model, best, 1, 2.0, "euler", "normal", pos, neg, lat)
         objective = ss.Objective(model, vae, None, refs.movedim(-1, 1), 1.0, 1.0)
         x0 = model.model.process_latent_in(one["samples"])
-    assert sorted(s for s, _ in rank.last_ranking) == [10, 11, 12] and best == rank.last_ranking[0][0]
+    assert sorted(s for s, _ in ranking) == [10, 11, 12] and best == ranking[0][0]
     with torch.inference_mode(False), torch.no_grad():
         score = float(objective.score(x0.clone())[0])
-    assert score == pytest.approx(rank.last_ranking[0][1], rel=1e-3, abs=1e-4)
+    assert score == pytest.approx(ranking[0][1], rel=1e-3, abs=1e-4)
     guard.check("ConceptLab Seed Search / Seed Rank")
     vae_guard.check("ConceptLab Seed Search / Seed Rank (VAE)")

@@ -272,8 +272,7 @@ def test_seed_search_refuses_a_latent_of_the_wrong_shape(lab, ss, qwen):
     pos, neg = encode(lab, qwen.clip, "a three"), encode(lab, qwen.clip, "")
     bad = {"samples": torch.randn(1, 16, 2, 8, 8)}              # two frames: a video, not an image
     with pytest.raises(lab.runtime.ConceptLabError) as e:
-        ss.ConceptLabSeedSearch().search(qwen.model, qwen.vae, pos, neg, bad, subject_images(), learning_rate=0.1,
-                                         **SEARCH)
+        ss.search_noise(qwen.model, qwen.vae, pos, neg, bad, subject_images(), learning_rate=0.1, **SEARCH)
     msg = str(e.value)
     assert msg.startswith("[ConceptLab Seed Search (optimise)]") and "(B, 16, 1, H, W)" in msg and "Fix:" in msg
 

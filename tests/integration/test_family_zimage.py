@@ -328,14 +328,12 @@ def test_zimage_seed_search_through_the_flow_schedule(lab, ss, zi, clip, vae16):
     assert float(ms.shift) == 3.0 and float(sigmas[0]) == pytest.approx(1.0) and float(sigmas[-1]) == 0.0
     assert torch.allclose(t.diff(), t.diff()[:1].expand(3), atol=1e-5) and float(t.diff()[0]) < -0.3
     pos, neg, lat = _conds(lab, clip)
-    node = ss.ConceptLabSeedSearch()
     with torch.inference_mode():
-        noise, noise_latent, plot = node.search(
+        noise, noise_latent, plot, res, _ = ss.search_noise(
             zi, vae16, pos, neg, lat, _refs(), seed=3, cfg=2.0, iterations=4, search_steps=2,
             learning_rate=0.3, lr_drop_after=100, norm_regulariser=True, norm_weight=0.1,
             semantic_steps=1, semantic_weight=0.0, appearance_weight=1.0)
     guard.check("ConceptLab Seed Search (Z-Image)")
-    res = node.last_result
     assert res.iterations == 4 and min(res.curve[1:]) < res.curve[0], res.curve
     import comfy.sample
     z = noise_latent["samples"]
@@ -348,12 +346,10 @@ def test_zimage_seed_rank_best_seed_reproduces_with_a_stock_ksampler(lab, ss, zi
     guard = lab.runtime.ModelGuard.of(zi)
     pos, neg, lat = _conds(lab, clip)
     refs = _refs()
-    node = ss.ConceptLabSeedRank()
     with torch.inference_mode():
-        best, text = node.rank(zi, vae16, pos, neg, lat, refs, seed=100, candidates=4, cfg=2.0,
-                               batch_size=4, semantic_weight=0.0, appearance_weight=1.0)
+        best, text, ranking = ss.rank_seeds(zi, vae16, pos, neg, lat, refs, seed=100, candidates=4, cfg=2.0,
+                                            batch_size=4, semantic_weight=0.0, appearance_weight=1.0)
     guard.check("ConceptLab Seed Rank (Z-Image)")
-    ranking = node.last_ranking
     assert sorted(s for s, _ in ranking) == list(range(100, 104)) and best == ranking[0][0]
     # the score is the objective on the x0 prediction at the first sigma, which a one-step stock
     # KSampler with the best seed computes (flow: x0 = x - sigma * v, sigma = 1)

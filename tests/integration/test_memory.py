@@ -56,10 +56,8 @@ ARGS = dict(seed=3, cfg=3.0, iterations=2, search_steps=2, learning_rate=0.1, lr
 
 
 def _search(ss, model, vae, pos, neg, lat, refs, **kw):
-    node = ss.ConceptLabSeedSearch()
     with torch.inference_mode():
-        out = node.search(model, vae, pos, neg, lat, refs, **dict(ARGS, **kw))
-    return node, out
+        return ss.search_noise(model, vae, pos, neg, lat, refs, **dict(ARGS, **kw))
 
 
 def _estimate_calls(calls, model):
@@ -92,8 +90,8 @@ def test_seed_search_passes_its_estimate_to_load_models_gpu(lab, ss, M, demo, de
 def test_seed_rank_passes_its_chunk_estimate(lab, ss, demo, recorded):
     pos, neg, lat, refs = _search_inputs(lab, demo.clip, batch=1)
     with torch.inference_mode():
-        ss.ConceptLabSeedRank().rank(demo.model, demo.vae, pos, neg, lat, refs, seed=0, candidates=3, cfg=3.0,
-                                     batch_size=2, semantic_weight=1.0, appearance_weight=1.0)
+        ss.rank_seeds(demo.model, demo.vae, pos, neg, lat, refs, seed=0, candidates=3, cfg=3.0,
+                      batch_size=2, semantic_weight=1.0, appearance_weight=1.0)
     want = ss.memory_estimate(demo.model, demo.vae, None, torch.empty(2, 4, 8, 8), 3.0, None).total
     assert _estimate_calls(recorded, demo.model)[0] == want > 0
 
@@ -300,7 +298,7 @@ def test_partially_loaded_model_gives_seed_search_the_same_result(lab, ss, demo,
     guard = lab.runtime.ModelGuard.of(demo.model)
     pos, neg, lat, refs = _search_inputs(lab, demo.clip)
     mm.unload_all_models()
-    full, _ = _search(ss, demo.model, demo.vae, pos, neg, lat, refs, clip_vision=demo_cv)
+    full = _search(ss, demo.model, demo.vae, pos, neg, lat, refs, clip_vision=demo_cv)
     # the search runs in ComfyUI's sampler, which loads the model itself (fully, on a CPU device);
     # the partial load is made after that, when the differentiable search starts, with ComfyUI's
     # own partial unload (what free_memory does under memory pressure)
@@ -311,10 +309,10 @@ def test_partially_loaded_model_gives_seed_search_the_same_result(lab, ss, demo,
         seen["casts"] = _force_partial(lab, model)
         return real(model, *a, **k)
     monkeypatch.setattr(ss, "differentiable", partially)
-    part, _ = _search(ss, demo.model, demo.vae, pos, neg, lat, refs, clip_vision=demo_cv)
+    part = _search(ss, demo.model, demo.vae, pos, neg, lat, refs, clip_vision=demo_cv)
     monkeypatch.undo()
     assert seen["casts"]
-    a, b = full.last_result, part.last_result
+    a, b = full.result, part.result
     assert torch.allclose(a.best_z, b.best_z, atol=1e-5), (a.best_z - b.best_z).abs().max()
     assert a.curve == pytest.approx(b.curve, rel=1e-5)
     mm.unload_all_models()

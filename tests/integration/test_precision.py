@@ -174,19 +174,16 @@ def test_seed_search_and_rank(lab, ss, loaded, family, precision):
         (pos,) = N.CLIPTextEncode().encode(clip, "an eight")
         (neg,) = N.CLIPTextEncode().encode(clip, "")
         (lat,) = N.EmptyLatentImage().generate(64, 64, 1)
-        node = ss.ConceptLabSeedSearch()
-        noise, noise_latent, plot = node.search(
+        noise, noise_latent, plot, res, _ = ss.search_noise(
             model, vae, pos, neg, lat, _refs(), seed=7, cfg=3.0, iterations=3, search_steps=2, learning_rate=0.1,
             lr_drop_after=10, norm_regulariser=True, norm_weight=1.0, semantic_steps=1, semantic_weight=10.0,
             appearance_weight=1.0)
     guard.check(f"Seed Search ({precision})")
-    res = node.last_result
     assert all(np.isfinite(res.curve)) and res.curve[-1] < res.curve[0], res.curve
     assert torch.isfinite(noise_latent["samples"]).all() and torch.isfinite(plot).all()
     with torch.inference_mode():
-        best, text = ss.ConceptLabSeedRank().rank(model, vae, pos, neg, lat, _refs(), seed=100, candidates=2,
-                                                  cfg=3.0, batch_size=2, semantic_weight=10.0,
-                                                  appearance_weight=1.0)
+        best, text, _ = ss.rank_seeds(model, vae, pos, neg, lat, _refs(), seed=100, candidates=2,
+                                      cfg=3.0, batch_size=2, semantic_weight=10.0, appearance_weight=1.0)
     guard.check(f"Seed Rank ({precision})")
     assert best in (100, 101) and f"seed {best}" in text
     _unload()

@@ -38,20 +38,19 @@ SEARCH_ARGS = dict(seed=7, cfg=3.0, iterations=3, search_steps=3, learning_rate=
 def _search(ss, model, vae, pos, neg, lat, refs, **kw):
     args = dict(SEARCH_ARGS)
     args.update(kw)
-    node = ss.ConceptLabSeedSearch()
     with torch.inference_mode():
-        out = node.search(model, vae, pos, neg, lat, refs, **args)
-    return node, out
+        return ss.search_noise(model, vae, pos, neg, lat, refs, **args)
 
 
 def test_search_lowers_the_objective_through_the_real_unet(lab, ss, demo):
     guard = lab.runtime.ModelGuard.of(demo.model)
     vae_guard = lab.runtime.ModelGuard.of(demo.vae.first_stage_model)
     pos, neg, lat = _conds(lab, demo.clip)
-    node, (noise, noise_latent, plot) = _search(ss, demo.model, demo.vae, pos, neg, lat, _refs())
+    out = _search(ss, demo.model, demo.vae, pos, neg, lat, _refs())
+    noise, noise_latent, plot = out.noise, out.latent, out.loss_curve
     guard.check("ConceptLab Seed Search")
     vae_guard.check("ConceptLab Seed Search (VAE)")
-    res = node.last_result
+    res = out.result
     # a gradient reached the noise through the UNet and the VAE, and descending it helped
     assert res.iterations == 3 and res.curve[-1] < res.curve[0], res.curve
     assert float(res.best_loss.mean()) <= res.curve[0] + 1e-4
@@ -70,12 +69,10 @@ def test_rank_best_seed_reproduces_with_a_stock_ksampler(lab, ss, demo):
     guard = lab.runtime.ModelGuard.of(demo.model)
     pos, neg, lat = _conds(lab, demo.clip, batch=1)
     refs = _refs()
-    node = ss.ConceptLabSeedRank()
     with torch.inference_mode():
-        best, text = node.rank(demo.model, demo.vae, pos, neg, lat, refs, seed=100, candidates=6, cfg=3.0,
+        best, text, ranking = ss.rank_seeds(demo.model, demo.vae, pos, neg, lat, refs, seed=100, candidates=6, cfg=3.0,
                                batch_size=4, semantic_weight=10.0, appearance_weight=1.0)
     guard.check("ConceptLab Seed Rank")
-    ranking = node.last_ranking
     assert sorted(s for s, _ in ranking) == list(range(100, 106)) and best == ranking[0][0]
     assert [v for _, v in ranking] == sorted(v for _, v in ranking)
     assert f"seed {best}" in text.splitlines()[1]
@@ -95,7 +92,8 @@ def test_noise_drives_a_stock_sampler_custom_advanced(lab, ss, demo):
     import comfy.sample
     import comfy_extras.nodes_custom_sampler as CS
     pos, neg, lat = _conds(lab, demo.clip)
-    _, (noise, noise_latent, _) = _search(ss, demo.model, demo.vae, pos, neg, lat, _refs(), iterations=1)
+    out = _search(ss, demo.model, demo.vae, pos, neg, lat, _refs(), iterations=1)
+    noise, noise_latent = out.noise, out.latent
 
     def call(obj, *a):
         fn = getattr(obj, "execute", None) or getattr(obj, getattr(obj, "FUNCTION"))
@@ -120,13 +118,11 @@ def test_dit_search_and_rank(lab, ss):
         model, clip, vae, _ = lab.demo.build_demo_model("digits_dit")
     guard = lab.runtime.ModelGuard.of(model)
     pos, neg, lat = _conds(lab, clip, batch=1)
-    node, (noise, noise_latent, _) = _search(ss, model, vae, pos, neg, lat, _refs(), iterations=2, search_steps=2)
-    res = node.last_result
+    res = _search(ss, model, vae, pos, neg, lat, _refs(), iterations=2, search_steps=2).result
     assert res.curve[-1] < res.curve[0], res.curve
     with torch.inference_mode():
-        best, _ = ss.ConceptLabSeedRank().rank(model, vae, pos, neg, lat, _refs(), seed=0, candidates=3,
-                                               cfg=3.0, batch_size=3, semantic_weight=10.0,
-                                               appearance_weight=1.0)
+        best = ss.rank_seeds(model, vae, pos, neg, lat, _refs(), seed=0, candidates=3,
+                             cfg=3.0, batch_size=3, semantic_weight=10.0, appearance_weight=1.0).best_seed
     guard.check("ConceptLab Seed Search / Rank (DiT)")
     assert best in (0, 1, 2)
 
@@ -207,15 +203,14 @@ def test_clip_vision_semantic_loss_is_differentiable(lab, ss, demo, demo_cv):
     cv = demo_cv
     cv_guard = lab.runtime.ModelGuard.of(cv.model)
     pos, neg, lat = _conds(lab, demo.clip, batch=1)
-    node, _ = _search(ss, demo.model, demo.vae, pos, neg, lat, _refs(), iterations=2, search_steps=2, appearance_weight=0.0,
-                      clip_vision=cv)
+    res = _search(ss, demo.model, demo.vae, pos, neg, lat, _refs(), iterations=2, search_steps=2, appearance_weight=0.0,
+                  clip_vision=cv).result
     cv_guard.check("ConceptLab Seed Search (CLIP vision)")
-    res = node.last_result
     assert res.curve[-1] < res.curve[0], res.curve
     with torch.inference_mode():
-        _, text = ss.ConceptLabSeedRank().rank(demo.model, demo.vae, pos, neg, lat, _refs(), seed=0, candidates=2,
-                                               cfg=3.0, batch_size=2, semantic_weight=1.0, appearance_weight=0.0,
-                                               clip_vision=cv)
+        text = ss.rank_seeds(demo.model, demo.vae, pos, neg, lat, _refs(), seed=0, candidates=2,
+                             cfg=3.0, batch_size=2, semantic_weight=1.0, appearance_weight=0.0,
+                             clip_vision=cv).text
     assert text.startswith("embedding: clip_vision")
 
 
@@ -230,11 +225,11 @@ def test_search_and_rank_on_sd2_and_sdxl_models(lab, ss, demo, demo_cv, family):
     if family == "sdxl":
         pos = [[c, dict(d, pooled_output=torch.randn(1, 64, generator=torch.Generator().manual_seed(2)))] for c, d in pos]
         neg = [[c, dict(d, pooled_output=torch.zeros(1, 64))] for c, d in neg]
-    node, _ = _search(ss, model, demo.vae, pos, neg, lat, _refs(), iterations=3, search_steps=2,
-                      clip_vision=demo_cv)
-    assert node.last_result.curve[-1] < node.last_result.curve[0], node.last_result.curve
+    curve = _search(ss, model, demo.vae, pos, neg, lat, _refs(), iterations=3, search_steps=2,
+                    clip_vision=demo_cv).result.curve
+    assert curve[-1] < curve[0], curve
     with torch.inference_mode():
-        best, text = ss.ConceptLabSeedRank().rank(model, demo.vae, pos, neg, lat, _refs(), seed=0, candidates=3,
+        best, text, _ = ss.rank_seeds(model, demo.vae, pos, neg, lat, _refs(), seed=0, candidates=3,
                                                   cfg=3.0, batch_size=3, semantic_weight=10.0,
                                                   appearance_weight=1.0, clip_vision=demo_cv)
     assert best in (0, 1, 2) and text.startswith("embedding: clip_vision")
@@ -263,7 +258,7 @@ def test_clear_errors(lab, ss, demo):
     with pytest.raises(err, match=node + r" The latent has shape \(1, 16, 8, 8\).*4-channel"):
         _search(ss, demo.model, demo.vae, pos, neg, {"samples": torch.ones(1, 16, 8, 8)}, refs)
     with pytest.raises(err, match=r"\[ConceptLab Seed Rank \(best-of-N\)\] The 'model' input is a CLIP"):
-        ss.ConceptLabSeedRank().rank(demo.clip, demo.vae, pos, neg, lat, refs, seed=0, candidates=2, cfg=3.0,
+        ss.rank_seeds(demo.clip, demo.vae, pos, neg, lat, refs, seed=0, candidates=2, cfg=3.0,
                                      batch_size=2, semantic_weight=1.0, appearance_weight=1.0)
     with pytest.raises(err, match=node + r" The 'vae' input is a CLIP"):
         _search(ss, demo.model, demo.clip, pos, neg, lat, refs)

@@ -79,11 +79,10 @@ def test_guidance_and_schedule_reach_the_model(lab, ss, tiny):
     guard = lab.runtime.ModelGuard.of(tiny.model)
     pos, neg, lat = _conds(lab, tiny)
     model, seen = _guidance_seen(tiny.model)
-    node = ss.ConceptLabSeedSearch()
     with torch.inference_mode():
-        node.search(model, tiny.vae, pos, neg, lat, _refs(), seed=7, cfg=2.0, iterations=1, search_steps=2,
-                    learning_rate=0.1, lr_drop_after=10, norm_regulariser=True, norm_weight=1.0,
-                    semantic_steps=1, semantic_weight=1.0, appearance_weight=1.0)
+        ss.search_noise(model, tiny.vae, pos, neg, lat, _refs(), seed=7, cfg=2.0, iterations=1, search_steps=2,
+                        learning_rate=0.1, lr_drop_after=10, norm_regulariser=True, norm_weight=1.0,
+                        semantic_steps=1, semantic_weight=1.0, appearance_weight=1.0)
         (stock,) = FF.call(CS.BasicScheduler(), tiny.model, "normal", 4, 1.0)
     assert seen == ({0.0} if tiny.family == "chroma" else {4.0, 3.5}), seen
     sigmas = ss.schedule(tiny.model, 4)
@@ -106,6 +105,5 @@ def test_references_become_the_vaes_own_latents(lab, ss, tiny):
     pos, neg, _ = _conds(lab, tiny)
     with pytest.raises(lab.runtime.ConceptLabError,
                        match=rf"shape \(1, {other}, 4, 4\), but this model works on {channels}-channel.*Fix:"):
-        ss.ConceptLabSeedRank().rank(tiny.model, tiny.vae, pos, neg, {"samples": torch.ones(1, other, 4, 4)},
-                                     refs, seed=0, candidates=1, cfg=1.0, batch_size=1, semantic_weight=1.0,
-                                     appearance_weight=1.0)
+        ss.rank_seeds(tiny.model, tiny.vae, pos, neg, {"samples": torch.ones(1, other, 4, 4)},
+                      refs, seed=0, candidates=1, cfg=1.0, batch_size=1, semantic_weight=1.0, appearance_weight=1.0)
