@@ -27,21 +27,30 @@ def _sample(lab, d, seed=3, steps=3, model=None):
     return out["samples"]
 
 
-def test_pack_registers_v1_nodes_with_prefix_tooltips_and_descriptions(lab):
-    maps = lab.pack.NODE_CLASS_MAPPINGS
-    assert maps and all(k.startswith("ConceptLab") for k in maps)
-    assert set(lab.pack.NODE_DISPLAY_NAME_MAPPINGS) == set(maps)
-    assert lab.pack.WEB_DIRECTORY == "./web"
-    for node_id, cls in maps.items():
-        assert cls.DESCRIPTION and cls.CATEGORY.startswith("ConceptLab"), node_id
-        assert hasattr(cls, cls.FUNCTION) and isinstance(cls.RETURN_TYPES, (tuple, list)), node_id
+def test_pack_registers_v3_nodes_with_prefix_tooltips_and_descriptions(lab):
+    """The pack is a V3 extension (comfy_entrypoint, as 0.33's comfy_extras): ComfyUI registered
+    every node of its list under the schema's id and display name. It exports no
+    NODE_CLASS_MAPPINGS (ComfyUI would take the V1 path and never call the entry point)."""
+    import asyncio
+    from comfy_api.v0_0_2 import ComfyExtension, io
+    assert not hasattr(lab.pack, "NODE_CLASS_MAPPINGS") and lab.pack.WEB_DIRECTORY == "./web"
+    extension = asyncio.run(lab.pack.comfy_entrypoint())
+    assert isinstance(extension, ComfyExtension)
+    classes = asyncio.run(extension.get_node_list())
+    assert len(classes) == 15
+    for cls in classes:
+        assert issubclass(cls, io.ComfyNode)
+        schema = cls.GET_SCHEMA()
+        node_id = schema.node_id
+        assert node_id.startswith("ConceptLab") and schema.display_name.startswith("ConceptLab"), node_id
+        assert lab.nodes.NODE_CLASS_MAPPINGS[node_id] is cls
+        assert lab.nodes.NODE_DISPLAY_NAME_MAPPINGS[node_id] == schema.display_name
+        assert schema.description and schema.category.startswith("ConceptLab"), node_id
         spec_all = cls.INPUT_TYPES()
         for section in ("required", "optional"):      # "hidden" inputs (UNIQUE_ID, ...) have no widget
             for name, spec in spec_all.get(section, {}).items():
                 assert len(spec) > 1 and spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
-    # registered with ComfyUI itself, under the same ids
-    for node_id in maps:
-        assert lab.nodes.NODE_CLASS_MAPPINGS[node_id] is maps[node_id]
+        assert all(o.tooltip for o in schema.outputs), f"{node_id}: an output has no tooltip"
 
 
 def test_demo_model_is_a_real_comfy_model(lab, demo):
