@@ -389,6 +389,18 @@ class Driver:
         for ref in [r for r in self.inflight if r in ready]:
             self._finished(ref)
 
+    def _sweep(self) -> None:
+        """Once every server has started (or failed to), a subject still recorded as running on
+        a server that is not up under that URL (a killed run's server, started again elsewhere
+        or gone) goes back to the queue."""
+        if any(s.state == "starting" for s in self.servers):
+            return
+        up = {s.url for s in self.servers if s.state == "up"}
+        waiting = self._inflight_names() | {n for s in self.servers for n in s.resume}
+        for r in self.ledger.subjects("running"):
+            if r["name"] not in waiting and r["server"] not in up:
+                self.ledger.requeue(r["name"], "its server is gone", r["server"] or "")
+
     def _requeue_waiting(self, srv: Server) -> None:
         url = srv.url or (self.ledger.server_record(srv.spec.label) or {}).get("url") or srv.spec.url
         for r in self.ledger.subjects("running"):
@@ -435,6 +447,7 @@ class Driver:
             if self.stopping:
                 return "stopped"
             self._probe()
+            self._sweep()
             self._dispatch()
             counts = self.ledger.counts()
             waiting = any(s.resume for s in self.servers)
