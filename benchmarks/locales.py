@@ -68,10 +68,14 @@ def safe(text: str) -> str:
 # ------------------------------------------------------------------------------------------------
 def pack_setting(js: Path = ROOT / "web" / "concept_lab.js") -> dict:
     """The setting the front-end extension registers: ``{"id", "name", "tooltip"}``, read from
-    ``settingDef()`` in web/concept_lab.js."""
+    web/concept_lab.js (``settingDef()``, or the extension's ``settings: [{...}]``)."""
     src = js.read_text(encoding="utf-8")
-    body = src[src.index("function settingDef()"):]
-    body = body[:body.index("\n}")]
+    if "function settingDef()" in src:
+        body = src[src.index("function settingDef()"):]
+        body = body[:body.index("\n}")]
+    else:                       # declared in the extension's own settings list
+        body = src[src.index("settings: [{"):]
+        body = body[:body.index("}]")]
     out = {}
     for key in ("id", "name", "tooltip"):
         m = re.search(rf"\b{key}:\s*(\"(?:[^\"\\]|\\.)*\"|'(?:[^'\\]|\\.)*'|[A-Z_]+)", body)
@@ -92,17 +96,59 @@ def pack_nodes(object_info: dict) -> dict:
     return {k: v for k, v in sorted(object_info.items()) if k.startswith(NODE_PREFIX)}
 
 
+AUTOGROW = "COMFY_AUTOGROW_V3"
+
+
+def _grown(group: str, names: list, opts: dict) -> list[tuple[str, dict]]:
+    """The entries of inputs that grow as the user connects them (``io.Autogrow``, ComfyUI 0.33;
+    fixed optional inputs of the same names on 0.3.75, marked with ``autogrow_group``): each under
+    its own name (the socket's name on 0.3.75, and in workflows saved before, which 0.33 keeps on
+    the node) and under ``<group>_<name>`` (the key the front end reads for the socket
+    ``<group>.<name>`` that Autogrow adds). The same entries on both versions."""
+    return [(key, dict(opts, display_name=n)) for n in names for key in (n, f"{group}_{n}")]
+
+
 def _inputs(info: dict) -> list[tuple[str, dict]]:
     spec = info.get("input", {})
     order = info.get("input_order") or {}
-    out = []
+    listed = []
     for section in ("required", "optional"):
-        names = order.get(section) or list(spec.get(section, {}))
-        for name in names:
+        for name in order.get(section) or list(spec.get(section, {})):
             s = spec.get(section, {}).get(name)
             opts = s[1] if isinstance(s, (list, tuple)) and len(s) > 1 and isinstance(s[1], dict) else {}
+            listed.append((name, s, opts))
+    fixed = {}                                   # 0.3.75: a group's inputs, fixed (in order)
+    for name, _, opts in listed:
+        if opts.get("autogrow_group"):
+            fixed.setdefault(opts["autogrow_group"], []).append(name)
+    out = []
+    for name, s, opts in listed:
+        if s and s[0] == AUTOGROW:               # 0.33: the group, with its template input
+            template = opts.get("template", {})
+            first = next(v for d in template.get("input", {}).values() for v in d.values())
+            grown = template.get("names") or [f"{template.get('prefix', '')}{i}" for i in range(template.get("max", 0))]
+            out += _grown(name, grown, first[1] if len(first) > 1 else {})
+        elif opts.get("autogrow_group"):
+            group = opts["autogrow_group"]
+            if fixed.get(group, [None])[0] == name:   # the whole group, where its first input is
+                out += _grown(group, fixed[group], {k: v for k, v in opts.items() if k != "autogrow_group"})
+        else:
             out.append((name, opts))
     return out
+
+
+def other_form(info: dict) -> set:
+    """The input entries of a node that the running ComfyUI shows under another name: on a ComfyUI
+    with Autogrow the inputs' own names (only workflows saved before carry such sockets), without
+    it the ``<group>_<name>`` keys (there is no Autogrow socket)."""
+    names = {n for n, _ in _inputs(info)}
+    spec = info.get("input", {})
+    present = {n for section in ("required", "optional") for n, s in spec.get(section, {}).items()
+               if not (s and s[0] == AUTOGROW)}
+    grown = {f"{g}_{n}" for g, s in ((g, s) for section in ("required", "optional")
+                                     for g, s in spec.get(section, {}).items() if s and s[0] == AUTOGROW)
+             for n in (s[1].get("template", {}).get("names") or [])}
+    return names - present - grown
 
 
 def english(object_info: dict, setting: dict | None = None) -> dict:
@@ -115,7 +161,7 @@ def english(object_info: dict, setting: dict | None = None) -> dict:
             entry["description"] = safe(info["description"])
         inputs = {}
         for name, opts in _inputs(info):
-            inputs[name] = {"name": safe(name)}
+            inputs[name] = {"name": safe(opts.get("display_name") or name)}
             if opts.get("tooltip"):
                 inputs[name]["tooltip"] = safe(opts["tooltip"])
         if inputs:

@@ -71,7 +71,10 @@ def numbered_inputs(group: str, names, make) -> list:
         first = make(names[0])
         template = io.Autogrow.TemplateNames(first, list(names), min=0)
         return [io.Autogrow.Input(group, template=template, optional=True, tooltip=first.tooltip)]
-    return [make(n) for n in names]
+    fixed = [make(n) for n in names]
+    for inp in fixed:       # which group they stand for (benchmarks/locales.py: one set of texts for both)
+        inp.extra_dict = dict(inp.extra_dict or {}, autogrow_group=group)
+    return fixed
 
 
 def numbered_values(grown, names, **by_name) -> dict:
