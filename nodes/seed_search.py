@@ -658,7 +658,8 @@ def rank_seeds(model, vae, positive, negative, latent, references, seed, candida
         scores.append(run_inside_sampler(model, positive, negative, lat, cfg, sigmas, noise, chunk[0], body))
         progress.step()
     ranking = K.rank(torch.cat(scores), seeds)
-    lines = [f"embedding: {objective.embedding}; lower score is better"]
+    lines = [f"embedding: {objective.embedding}, {objective.ref_latents.shape[0]} reference images; "
+             "lower score is better"]
     lines += [f"{i + 1:>4}  seed {s:<12d} score {v:.5f}" for i, (s, v) in enumerate(ranking)]
     return RankOutput(ranking[0][0], "\n".join(lines), ranking)
 
