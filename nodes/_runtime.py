@@ -444,7 +444,7 @@ class ModelGuard:
 # progress and cancel
 # --------------------------------------------------------------------------------------------
 def interrupt_types() -> tuple[type[BaseException], ...]:
-    """The exception ComfyUI raises on cancel (an Exception in 2024, a BaseException later)."""
+    """The exception ComfyUI raises on cancel."""
     return (comfy.model_management.InterruptProcessingException,)
 
 
@@ -453,21 +453,59 @@ def check_interrupt() -> None:
     comfy.model_management.throw_exception_if_processing_interrupted()
 
 
+def send_progress_text(text: str, node_id) -> None:
+    """Show ``text`` under the node in the front end (``PromptServer.send_progress_text``, over the
+    websocket), where a server runs and the node's id is known; nothing otherwise (a node called
+    from Python, as the tests and benchmarks do)."""
+    import sys
+    server = getattr(sys.modules.get("server"), "PromptServer", None)
+    instance = getattr(server, "instance", None)
+    if instance is None or node_id is None or not hasattr(instance, "send_progress_text"):
+        return
+    instance.send_progress_text(text, node_id)
+
+
+def preview_image(images: torch.Tensor) -> tuple:
+    """A progress-bar preview of the first image of ``images`` ((B, 3, H, W) or (B, H, W, 3) in
+    [0, 1]): ComfyUI's ``("JPEG", PIL image, max size)``, the size its latent previews use
+    (``--preview-size``)."""
+    import numpy as np
+    from PIL import Image
+    from comfy.cli_args import args
+    img = images[0].detach().float().cpu()
+    if img.shape[0] in (1, 3) and img.shape[-1] not in (1, 3):
+        img = img.movedim(0, -1)
+    arr = (img.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+    return ("JPEG", Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr), getattr(args, "preview_size", 512))
+
+
 class Progress:
-    """A ComfyUI progress bar (the green bar on the node) that also checks for cancel."""
+    """A ComfyUI progress bar (the green bar on the node) that also checks for cancel, with a
+    preview image on the bar and a line of text under the node where the caller has them."""
 
     def __init__(self, total: int, node_id: str | None = None):
         self.total = max(int(total), 1)
         self.done = 0
-        try:
-            self._bar = comfy.utils.ProgressBar(self.total, node_id=node_id)
-        except TypeError:  # 2024 ComfyUI: no node_id argument
-            self._bar = comfy.utils.ProgressBar(self.total)
+        self.node_id = node_id
+        self._bar = comfy.utils.ProgressBar(self.total, node_id=node_id)
 
-    def step(self, n: int = 1, preview=None) -> None:
+    def step(self, n: int = 1, preview=None, text: str | None = None) -> None:
+        """Advance the bar by ``n`` (once per value: ComfyUI's front end shows every update).
+        ``preview``: a ``preview_image`` tuple shown on the node; ``text``: progress text."""
         check_interrupt()
         self.done = min(self.done + n, self.total)
+        if text:
+            self.say(text)
         self._bar.update_absolute(self.done, self.total, preview)
+
+    def say(self, text: str) -> None:
+        """Progress text under the node (no bar movement)."""
+        send_progress_text(text, self.node_id)
+
+    def finish(self) -> None:
+        """The bar at its end, when the work stopped early (a search that converged)."""
+        if self.done < self.total:
+            self.step(self.total - self.done)
 
 
 def out_of_memory_guard(node: str, lower: str):

@@ -638,6 +638,33 @@ def memory_estimate(model, subject, prior, settings: ExtractSettings, layers: di
                               dit_blocks(model))
 
 
+class ReportedLoss:
+    """The extraction loss as the search calls it, reporting each gradient evaluation under the
+    node (progress text): the loss against the starting loss, and the K/V weights shut so far (read
+    off the multipliers the search hands over: 0 is shut)."""
+
+    def __init__(self, loss, progress: Progress, settings: ExtractSettings, layers: dict):
+        self.loss, self.progress, self.settings = loss, progress, settings
+        self.candidates = sum(K.candidate_count(tuple(l["shape"]), l["kind"]) for l in layers.values())
+        self.start, self.calls = None, 0
+
+    def __call__(self, multipliers: dict):
+        value, grads = self.loss(multipliers)
+        self.calls += 1
+        self.start = value if self.start is None else self.start
+        shut = sum(int((m == 0).sum()) for m in multipliers.values())
+        if self.settings.procedure == "accumulated":
+            scaled = sum(int((m < 1).sum()) for m in multipliers.values())
+            weights = (f"{scaled:,} K/V weights scaled down ({shut:,} to zero); the "
+                       f"{K.budget_count(self.candidates, self.settings.budget_fraction):,} with the highest "
+                       "summed scores are shut at the end")
+        else:
+            weights = f"{shut:,} of {self.candidates:,} K/V weights shut"
+        self.progress.say(f"gradient {self.calls}/{self.settings.iterations}: loss {value:.5f} "
+                          f"(start {self.start:.5f}); {weights}")
+        return value, grads
+
+
 def run_search(loss: ConceptLoss, layers: dict, settings: ExtractSettings, step=None) -> K.SearchResult:
     """Run the chosen procedure with scores as multiplier gradients (see :class:`ConceptLoss`)."""
     names = sorted(layers)
@@ -690,7 +717,8 @@ def extract(model, clip, vae, images: torch.Tensor, class_prompt: str, settings:
     load_for_compute(model, memory_required=memory_estimate(model, subject, prior_latents, settings, layers),
                      patched_weights=True)
     loss = ConceptLoss(model, subject, prior_latents, cond, pooled, settings, layers)
-    res = run_search(loss, layers, settings, step=progress.step)
+    res = run_search(ReportedLoss(loss, progress, settings, layers), layers, settings, step=progress.step)
+    progress.finish()
     fp = kv_fingerprint(model, sorted(layers))
     cn = ConceptNeurons(indices={n: res.indices[n] for n in sorted(layers)}, layers=layers, fingerprint=fp,
                         family=fam, class_word=class_prompt.strip(), names=[class_prompt.strip()],

@@ -35,7 +35,7 @@ import comfy.samplers
 from ..kernels import memory as M
 from ..kernels import seed_search as K
 from ..kernels.autograd import activation_snapshots, differentiable_weights
-from ._runtime import (Progress, check_interrupt, compute_dtype, fail, frame_latents, gradients_through,
+from ._runtime import (Progress, check_interrupt, compute_dtype, fail, preview_image, frame_latents, gradients_through,
                        dit_blocks, interrupt_types, is_out_of_memory, latent_channels, load_for_compute, out_of_memory_guard, require_family,
                        train_usage_factor,
                        vae_frames, vae_ratio)
@@ -572,6 +572,60 @@ class SearchOutput(NamedTuple):
     info: str = ""
 
 
+def candidate_preview(model, vae, x0: torch.Tensor, in_search: bool = False) -> tuple:
+    """A progress-bar preview of a candidate, ``x0`` (the model's latent space, first image): drawn
+    by ComfyUI's latent previewer when the user has set one (the preview method the samplers use),
+    else decoded by the model's VAE, without gradients. ``in_search``: called inside the
+    differentiable search, which holds the VAE loaded: decode through its module (ComfyUI's
+    ``VAE.decode`` would load models in the middle of the search); otherwise ComfyUI's own decode."""
+    import latent_preview
+    previewer = latent_preview.get_previewer(model.load_device, model.model.latent_format)
+    with torch.no_grad():
+        if previewer is not None:
+            return previewer.decode_latent_to_preview_image("JPEG", x0[:1])
+        raw = model.model.process_latent_out(x0[:1])
+        if in_search:
+            return preview_image(vae_decode(vae, raw[:, :, 0] if raw.ndim == 5 else raw))
+        images = vae.decode(raw)
+        return preview_image(images.reshape(-1, *images.shape[-3:]))
+
+
+class LiveSearch:
+    """What Seed Search shows on its node while it runs: after each iteration the bar moves one
+    step, with the candidate that iteration drew as the preview (the x0 prediction of the short
+    sampler's last step, first image of the batch) and the objective as progress text.
+
+    The picture: :func:`candidate_preview` (one decode of one image per iteration, which runs the
+    short sampler and its backward pass several times)."""
+
+    def __init__(self, model, vae, progress: Progress, iterations: int, step_loss, search_steps: int):
+        self.model, self.vae, self.progress = model, vae, progress
+        self.iterations, self._step_loss, self.last_step = iterations, step_loss, search_steps - 1
+        self.x0, self.best = None, float("inf")
+
+    def step_loss(self, x0, i):
+        """The objective's step loss, keeping the last step's x0 prediction for the preview."""
+        if i == self.last_step:
+            self.x0 = x0[:1].detach()
+        return self._step_loss(x0, i)
+
+    def on_iteration(self, it: int, value: float) -> None:
+        check_interrupt()
+        self.best = min(self.best, value)
+        self.progress.step(preview=self.preview(),
+                           text=f"iteration {it + 1}/{self.iterations}: objective {value:.5f} (best {self.best:.5f})")
+
+    def preview(self):
+        return None if self.x0 is None else candidate_preview(self.model, self.vae, self.x0, in_search=True)
+
+    def finish(self, res) -> None:
+        """A search that stopped before its last iteration: says so, and ends the bar."""
+        if res.iterations < self.iterations:
+            self.progress.say(f"stopped after {res.iterations} of {self.iterations} iterations: the objective "
+                              f"kept rising (best {self.best:.5f})")
+        self.progress.finish()
+
+
 @out_of_memory_guard(SEARCH, SEARCH_LOWER)
 def search_noise(model, vae, positive, negative, latent, references, seed, cfg, iterations,
                  search_steps, learning_rate, lr_drop_after, norm_regulariser, norm_weight, semantic_steps,
@@ -587,16 +641,18 @@ def search_noise(model, vae, positive, negative, latent, references, seed, cfg, 
     z0 = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
     sigmas = schedule(model, search_steps)
     progress = Progress(iterations, node_id=unique_id)
-    step_loss = objective.step_loss_fn(search_steps, semantic_steps)
+    live = LiveSearch(model, vae, progress, iterations, objective.step_loss_fn(search_steps, semantic_steps),
+                      search_steps)
 
     def body(denoise, to_x, sig):
         with differentiable(model, vae, clip_vision):
             return K.optimise_noise(
-                z0, to_x, denoise, sig.float(), step_loss, iterations=iterations, lr=learning_rate,
+                z0, to_x, denoise, sig.float(), live.step_loss, iterations=iterations, lr=learning_rate,
                 lr_drop_after=lr_drop_after, norm_weight=norm_weight if norm_regulariser else 0.0,
-                patience=patience, on_iteration=lambda it, v: progress.step())
+                patience=patience, on_iteration=live.on_iteration)
 
     res = run_inside_sampler(model, positive, negative, samples, cfg, sigmas, z0, seed, body)
+    live.finish(res)
     best = res.best_z.detach().cpu().float()
     best_it = int(res.best_iteration.float().mean().round()) if len(res.curve) else 0
     plot = loss_plot(res.curve, best_it)
@@ -644,7 +700,7 @@ def rank_seeds(model, vae, positive, negative, latent, references, seed, candida
     chunks = [seeds[i:i + per_call] for i in range(0, len(seeds), per_call)]
     progress = Progress(len(chunks), node_id=unique_id)
     sigmas = schedule(model, 1)
-    scores = []
+    scores, best = [], None
     for chunk in chunks:
         noise = torch.cat([comfy.sample.prepare_noise(samples, s, latent.get("batch_index")) for s in chunk])
         lat = samples.repeat(len(chunk), *[1] * (samples.ndim - 1))
@@ -652,11 +708,17 @@ def rank_seeds(model, vae, positive, negative, latent, references, seed, candida
         def body(denoise, to_x, sig):
             with torch.inference_mode(False), torch.no_grad():
                 z = noise.to(sig.device)
-                sc, _ = K.one_step_scores(z, to_x, denoise, sig[0].float(), objective.score)
-            return sc.view(len(chunk), b).mean(1).cpu()
+                sc, x0 = K.one_step_scores(z, to_x, denoise, sig[0].float(), objective.score)
+            per = sc.view(len(chunk), b).mean(1).cpu()
+            return per, x0[int(per.argmin()) * b:][:1]          # the chunk's best candidate's first image
 
-        scores.append(run_inside_sampler(model, positive, negative, lat, cfg, sigmas, noise, chunk[0], body))
-        progress.step()
+        per, x0 = run_inside_sampler(model, positive, negative, lat, cfg, sigmas, noise, chunk[0], body)
+        scores.append(per)
+        i = int(per.argmin())
+        if best is None or float(per[i]) < best[1]:            # the preview: the best candidate so far
+            best = (chunk[i], float(per[i]), candidate_preview(model, vae, x0))
+        progress.step(preview=best[2], text=f"scored {sum(len(s) for s in scores)}/{candidates} seeds; best so "
+                                            f"far: seed {best[0]} (score {best[1]:.5f})")
     ranking = K.rank(torch.cat(scores), seeds)
     lines = [f"embedding: {objective.embedding}, {objective.ref_latents.shape[0]} reference images; "
              "lower score is better"]

@@ -275,3 +275,22 @@ def test_cancel_stops_the_search(lab, ss, demo):
             _search(ss, demo.model, demo.vae, pos, neg, lat, _refs(), iterations=50)
     finally:
         mm.interrupt_current_processing(False)
+
+
+def test_candidate_preview_is_the_vae_decode_or_comfyuis_previewer(lab, ss, demo):
+    """The live preview of a candidate: decoded by the model's VAE (64 px on the demo model, in
+    the search through the VAE module, outside it through ComfyUI's VAE.decode), or drawn by
+    ComfyUI's latent previewer when the user has chosen one (the picture its samplers show)."""
+    from comfy.cli_args import LatentPreviewMethod, args
+    x0 = torch.randn(1, 4, 8, 8)
+    with torch.inference_mode():
+        for in_search in (False, True):
+            kind, img, size = ss.candidate_preview(demo.model, demo.vae, x0, in_search=in_search)
+            assert kind == "JPEG" and img.size == (64, 64) and size == args.preview_size
+        saved = args.preview_method
+        args.preview_method = LatentPreviewMethod.Latent2RGB
+        try:
+            kind, img, _ = ss.candidate_preview(demo.model, demo.vae, x0)
+        finally:
+            args.preview_method = saved
+    assert kind == "JPEG" and img.size == (8, 8)      # Latent2RGB: one pixel per latent pixel
