@@ -19,6 +19,7 @@ Jobs:
   locales     locales/en generated from the nodes' own text; the ja / zh translations checked
   help-pages  the nodes' help pages (web/docs/, ComfyUI's node help panel) from docs/nodes.md and
               its ja / zh translations, with the nodes' own text (see benchmarks/help_pages.py)
+  blueprints  the pack's subgraph blueprints (subgraphs/*.json) from benchmarks/blueprints.py
   gallery     the README's pictures (docs/images/) and every example workflow's template
               thumbnail (example_workflows/<name>.jpg), rendered from real runs
   demo        every capability on the digits-world demo models, end to end through a real ComfyUI
@@ -97,6 +98,9 @@ def main(argv=None) -> int:
     hp = sub.add_parser("help-pages", help="generate the nodes' help pages (web/docs/) from docs/nodes.md")
     from . import help_pages as help_job
     help_job.add_arguments(hp)
+    bl = sub.add_parser("blueprints", help="write the subgraph blueprints (subgraphs/*.json)")
+    from . import blueprints as blueprints_job
+    blueprints_job.add_arguments(bl)
     g = sub.add_parser("gallery", help="render the README pictures and the template thumbnails from real runs")
     from . import gallery as gallery_job
     gallery_job.add_arguments(g)
@@ -133,6 +137,10 @@ def main(argv=None) -> int:
         res = locales_job.run(args)
     elif args.job == "help-pages":
         res = help_job.run(args)
+        if not res["ok"]:
+            return 1
+    elif args.job == "blueprints":
+        res = blueprints_job.run(args)
         if not res["ok"]:
             return 1
     elif args.job == "gallery":

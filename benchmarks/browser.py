@@ -292,6 +292,53 @@ def shared_front_end(env: dict | None = None):
         fe.__exit__(None, None, None)
 
 
+NODE_LIBRARY_SEARCH = ['[data-testid="node-library-search"] input', 'input[data-testid="node-library-search"]',
+                       '.side-bar-panel input[type="text"]', 'input[type="text"]']
+
+
+def search_node_library(page, text: str) -> str:
+    """Open the node library as a user does (its sidebar tab's command) unless it is open, search
+    for ``text``, and return the page's text."""
+    if not page.evaluate("() => window.app.extensionManager.sidebarTab?.activeSidebarTabId === 'node-library'"):
+        page.evaluate("async () => { await window.app.extensionManager.command.execute("
+                      "'Workspace.ToggleSidebarTab.node-library'); }")
+    box = None
+    for sel in NODE_LIBRARY_SEARCH:
+        loc = page.locator(sel)
+        try:
+            loc.first.wait_for(state="visible", timeout=5_000)
+        except Exception:  # noqa: BLE001  (not this front end's layout)
+            continue
+        box = loc.first
+        break
+    if box is None:
+        raise AssertionError("the node library has no search box")
+    box.fill(text)
+    page.wait_for_timeout(1500)   # the search is debounced
+    return page.evaluate("() => document.body.innerText")
+
+
+def add_from_search_box(page, text: str, at: tuple = (700, 450)) -> int:
+    """Add a node as a user does from the keyboard: open the node search box (what a double click
+    on the canvas opens), type ``text`` into it, press Enter on the first match, and click the
+    canvas at ``at`` (page pixels; front end 1.58 hands the new node to the pointer until a click
+    places it). Returns how many nodes the graph gained."""
+    count = "() => window.app.graph._nodes.length"
+    before = page.evaluate(count)
+    page.evaluate("async () => { await window.app.extensionManager.command.execute('Workspace.SearchBox.Toggle'); }")
+    page.wait_for_function("() => document.activeElement && document.activeElement.tagName === 'INPUT'"
+                           " && !document.activeElement.closest('.side-bar-panel')", timeout=10_000)
+    page.keyboard.type(text, delay=10)
+    page.wait_for_timeout(1500)   # the search is debounced
+    page.keyboard.press("Enter")
+    page.wait_for_timeout(500)
+    page.mouse.move(at[0] - 40, at[1] - 40)
+    page.mouse.move(*at)
+    page.mouse.click(*at)
+    page.wait_for_timeout(500)
+    return page.evaluate(count) - before
+
+
 def renderer(page) -> dict:
     """Which renderer the page draws nodes with: ``{registered, value, vueNodesMode}`` (whether
     the front end has the Nodes 2.0 setting, its value, and whether the canvas draws Vue nodes)."""
