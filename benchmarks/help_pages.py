@@ -122,8 +122,12 @@ def generated_part(node: str, lang: str, object_info: dict) -> str:
     inputs = d.get("inputs", {})
     if inputs:
         lines += [f"| {w['input']} | {w['what']} |", "|---|---|"]
+        seen = set()
         for name, spec in inputs.items():
             label = spec.get("name", name)
+            if label in seen:    # a growing input's second key (locales/: references_2 and
+                continue         # more_references_references_2, one socket)
+            seen.add(label)
             shown = f"**{_cell(label)}**" + (f" (`{name}`)" if label != name else "")
             lines.append(f"| {shown} | {_cell(spec.get('tooltip', ''))} |")
     else:
