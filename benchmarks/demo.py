@@ -171,7 +171,7 @@ def _word(reader: Reader, cls) -> str:
 # ----------------------------------------------------------------------------------------------
 # the sections
 # ----------------------------------------------------------------------------------------------
-def text_to_image(srv, info, reader: Reader, modern: bool, on_wait) -> Section:
+def text_to_image(srv, info, reader: Reader, on_wait) -> Section:
     s = Section("txt2img", "Text to image: the two demo models",
                 "ConceptLab Load Demo Model gives an ordinary MODEL, CLIP and VAE, sampled here by "
                 "ComfyUI's stock CLIPTextEncode, KSampler and VAEDecode. digits-unet is an "
@@ -179,9 +179,6 @@ def text_to_image(srv, info, reader: Reader, modern: bool, on_wait) -> Section:
                 "in under 30 minutes.", [])
     t0 = time.time()
     for name, label in (("demo_model_txt2img.json", "digits-unet"), ("demo_dit_txt2img.json", "digits-dit")):
-        if name == "demo_dit_txt2img.json" and not modern:
-            s.panels.append(Panel(label, [], note="needs ComfyUI 0.3.x (SD3 MMDiT classes); skipped"))
-            continue
         run = sc.run_example(srv, info, name, on_wait=on_wait(label))
         s.workflows.append(name)
         caption = run.prompt[run.ids("CLIPTextEncode")[0]]["inputs"]["text"]
@@ -217,7 +214,7 @@ def _dilate(mask: np.ndarray, r: int) -> np.ndarray:
     return out
 
 
-def attention_saliency(srv, info, reader: Reader, modern: bool, on_wait) -> Section:
+def attention_saliency(srv, info, reader: Reader, on_wait) -> Section:
     s = Section("saliency", "Attention saliency: where each word lands",
                 "ConceptLab Saliency Capture patches a clone of the MODEL; any sampler then records, "
                 "per word, where attention put it (DAAM on UNets). Saliency Maps refines the maps with "
@@ -253,7 +250,7 @@ def attention_saliency(srv, info, reader: Reader, modern: bool, on_wait) -> Sect
     if on_word:
         s.figures["masks mostly on their word's digit"] = f"{sum(p >= 0.5 for p in on_word)}/{len(on_word)}"
     inpaint = [n for n in sorted((ROOT / "example_workflows").glob("saliency_dit_*inpaint*.json"))]
-    if modern and inpaint:
+    if inpaint:
         name = inpaint[0].name
         run = sc.run_example(srv, info, name, on_wait=on_wait("mask + inpaint"))
         s.workflows.append(name)
@@ -296,7 +293,7 @@ def _shower_of(run: sc.WorkflowRun, node_id: str) -> str | None:
     return None
 
 
-def seed_search(srv, info, reader: Reader, modern: bool, on_wait, noises: int = 4) -> Section:
+def seed_search(srv, info, reader: Reader, on_wait, noises: int = 4) -> Section:
     s = Section("seed-search", "Seed search: making the model draw a rare class",
                 "The demo UNet saw an eight in 1.5% of its training scenes, so the prompt 'an eight' "
                 "mostly draws something else. ConceptLab Seed Search (SeedSelect) optimises the "
@@ -317,25 +314,23 @@ def seed_search(srv, info, reader: Reader, modern: bool, on_wait, noises: int = 
            for im in base.images(base.ids("SaveImage")[0]) for c in [reader.main_class(im)]]
     s.panels.append(Panel(f"{noises} starting noises (seed {seed}) sampled as they are", rnd))
     s.figures["starting noises drawing an eight, as they are"] = f"{sum(p.ok for p in rnd)}/{len(rnd)}"
-    name = "seed_select_then_custom_advanced.json" if modern else "seed_rank_then_ksampler.json"
-    node = "ConceptLabSeedSearch" if modern else "ConceptLabSeedRank"
+    name = "seed_select_then_custom_advanced.json"
     run = sc.run_example(srv, info, name, changes={"EmptyLatentImage": {"batch_size": noises},
-                                                   node: {"seed": seed}}, on_wait=on_wait("seed search"))
+                                                   "ConceptLabSeedSearch": {"seed": seed}},
+                         on_wait=on_wait("seed search"))
     s.workflows.append(f"{name} (seed {seed}, {noises} starting noises)")
     found = run.images(_shower_of(run, run.ids("VAEDecode")[0]))
     pics = [Picture(im, f"reads: {_word(reader, c)}", c == 8) for im in found for c in [reader.main_class(im)]]
-    label = "Seed Search" if modern else "Seed Rank (best of N; Seed Search needs ComfyUI 0.3.x)"
     refs = sc.demo_images("eight-references")
     s.panels.insert(0, Panel("the references (ConceptLab Load Demo Images: three held-out writers' eights)",
                              [Picture(im, "reference") for im in refs]))
-    s.panels.append(Panel(f"{label} ({len(pics)})", pics))
-    s.figures[("after Seed Search" if modern else "Seed Rank") + ": drawing an eight"] = \
-        f"{sum(p.ok for p in pics)}/{len(pics)}"
+    s.panels.append(Panel(f"Seed Search ({len(pics)})", pics))
+    s.figures["after Seed Search: drawing an eight"] = f"{sum(p.ok for p in pics)}/{len(pics)}"
     s.seconds = time.time() - t0
     return s
 
 
-def concept_neurons(srv, info, reader: Reader, modern: bool, on_wait) -> Section:
+def concept_neurons(srv, info, reader: Reader, on_wait) -> Section:
     s = Section("concept-neurons", "Concept neurons: one writer's seven, from six pictures",
                 "ConceptLab Concept Neurons Extract finds the few cross-attention K/V weights (0.4 %) "
                 "whose shutting makes the plain prompt 'a seven' draw one held-out writer's seven, "
@@ -415,7 +410,6 @@ def add_arguments(p) -> None:
 def run(args) -> dict:
     out_dir = Path(args.out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    modern = cr.is_modern()
     t0 = time.time()
     print(f"[demo] ComfyUI {cr.comfy_version()} at {cr.comfy_root()}")
     reader = Reader()
@@ -429,7 +423,7 @@ def run(args) -> dict:
         for key, job in jobs:
             if args.only and key not in args.only:
                 continue
-            sections.append(job(srv, info, reader, modern, progress))
+            sections.append(job(srv, info, reader, progress))
             print(f"\r[demo] {sections[-1].title:<60} {sections[-1].seconds:6.1f}s{' ' * 20}")
     seconds = time.time() - t0
     meta = {"comfyui": cr.comfy_version(), "device": "CPU", "seconds": seconds}

@@ -217,7 +217,7 @@ def run(args) -> dict:
     cr.bootstrap()
     demo = cr.pack_module("nodes.demo")
     sal = cr.pack_module("nodes.saliency")
-    keys = ["digits_unet"] + (["digits_dit"] if demo.has_mmdit() else [])
+    keys = ["digits_unet", "digits_dit"]
     res = {"comfyui": cr.comfy_version(), "scenes": args.scenes, "images_per_scene": args.images,
            "steps": args.steps,
            "protocol": {"headline (miou_*, pixel_acc_*)": "ConceptLab Saliency Maps' default "

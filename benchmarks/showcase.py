@@ -94,10 +94,7 @@ class WorkflowRun:
         out = []
         for im in self.image_refs(node_id):
             folder = "temp" if im.get("type") == "temp" else "output"
-            path = self.server_base / folder / im.get("subfolder", "") / im["filename"]
-            if not path.exists():   # the 2024 snapshot runs from a private copy with its own temp/
-                path = self.server_base / "comfyui" / folder / im.get("subfolder", "") / im["filename"]
-            out.append(path)
+            out.append(self.server_base / folder / im.get("subfolder", "") / im["filename"])
         return out
 
     def images(self, node_id: str) -> list[np.ndarray]:

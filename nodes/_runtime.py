@@ -8,8 +8,7 @@
 - :class:`ModelGuard`: a bit-for-bit check that a MODEL came out of a node untouched.
 - :class:`Progress` and :func:`check_interrupt`: progress bar and cancel.
 
-Works on the early-2024 ComfyUI snapshot and on current ComfyUI (0.3.x); every API used here
-exists in both, or is feature-detected.
+Works on ComfyUI 0.3.75 and newer; every API used here exists there, or is feature-detected.
 """
 from __future__ import annotations
 
@@ -64,10 +63,6 @@ _FAMILY_BY_CONFIG = {
     # variants of a listed class that the pack does not handle (pixel-space models: no latents)
     "ZImagePixelSpace": None, "ChromaRadiance": None,
 }
-#: By the base model's own class name (exactly, never a subclass: ComfyUI derives new
-#: architectures from old classes, e.g. Flux2, Chroma and LongCatImage from Flux). Only for
-#: configs whose class name is not above (the 2024 snapshot).
-_FAMILY_BY_BASE = {"SD3": "sd3", "Flux": "flux", "SDXL": "sdxl", "SDXLRefiner": "sdxl"}
 
 FAMILY_NAMES = {
     "sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "sd3": "SD3/SD3.5", "flux": "Flux.1",
@@ -98,8 +93,6 @@ def model_family(model) -> str:
         if klass.__name__ in _FAMILY_BY_CONFIG:
             fam = _FAMILY_BY_CONFIG[klass.__name__]
             return fam if fam is not None else f"unknown:{name}"
-    if type(base).__name__ in _FAMILY_BY_BASE:
-        return _FAMILY_BY_BASE[type(base).__name__]
     if type(base).__name__ == "BaseModel" and "context_dim" in getattr(cfg, "unet_config", {}):
         return "sd2" if getattr(cfg, "unet_config", {}).get("use_linear_in_transformer") else "sd1"
     return f"unknown:{name or type(base).__name__}"
@@ -127,11 +120,9 @@ def require_family(node: str, model, allowed: Iterable[str], what: str = "this n
 # non-destructive patching
 # --------------------------------------------------------------------------------------------
 def latent_channels(base) -> int | None:
-    """Channels of a ComfyUI BaseModel's latents: its latent format's declared count (0.3.x:
-    16 for SD3 and Flux, 4 for the SD UNets); the 2024 snapshot declares none, and there the
-    diffusion model's input channels are the count."""
-    fmt = getattr(base, "latent_format", None)
-    return getattr(fmt, "latent_channels", None) or getattr(base.diffusion_model, "in_channels", None)
+    """Channels of a ComfyUI BaseModel's latents: its latent format's declared count (16 for SD3
+    and Flux, 4 for the SD UNets, 128 for Flux.2)."""
+    return getattr(getattr(base, "latent_format", None), "latent_channels", None)
 
 
 def frame_latents(base) -> bool:

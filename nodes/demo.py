@@ -10,11 +10,10 @@ They let every Concept Lab capability run, and be measured, on a CPU with nothin
   (``comfy.clip_vision.ClipVisionModel``, 64 px input, 8 px patches, 3 layers 64 wide) trained to
   embed a digit image by its class (a cosine classifier on the projected embedding, trained on
   the world's training handwriting only). It stands in for a real CLIP vision model wherever a
-  node takes CLIP_VISION (Seed Search's semantic loss; ComfyUI 0.3.x's own CLIPVisionEncode,
-  which reads the input size from the config; the 2024 snapshot's always resizes to 224 px).
+  node takes CLIP_VISION (Seed Search's semantic loss; ComfyUI's own CLIPVisionEncode, which
+  reads the input size from the config).
 * ``digits_dit``: ComfyUI's SD3 MMDiT (joint text/image attention, rectified flow) with patch
-  size 1 on the same latents, sharing the text encoder and VAE of ``digits_unet``. It needs a
-  ComfyUI with SD3 classes (0.3.x); older ones get a clear error.
+  size 1 on the same latents, sharing the text encoder and VAE of ``digits_unet``.
 
 Weights come from ``demo/<name>.safetensors`` in this pack (trained by
 ``python -m benchmarks train``, see ``benchmarks/world/train.py``); when a file is missing the
@@ -177,19 +176,9 @@ def _split(sd: dict, prefix: str) -> dict:
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
-def has_mmdit() -> bool:
-    """Whether this ComfyUI has the SD3 MMDiT classes the DiT demo model is built from."""
-    return hasattr(comfy.supported_models, "SD3") and hasattr(comfy.model_base, "SD3")
-
-
 def dit_model_config():
     """ComfyUI model config of the DiT demo model: SD3's MMDiT on the SD1.x 4-channel latents."""
     import comfy.latent_formats
-    if not has_mmdit():
-        raise fail("ConceptLab Load Demo Model",
-                   "The DiT demo model is built from ComfyUI's SD3 MMDiT classes, which this ComfyUI "
-                   "does not have.", "Update ComfyUI (0.3.x or newer), or load the digits-unet demo model.")
-
     from comfy.ldm.modules.diffusionmodules.mmdit import OpenAISignatureMMDITWrapper
 
     class DigitsMMDiTNet(OpenAISignatureMMDITWrapper):

@@ -529,10 +529,7 @@ def _concept_embeddings(clip, words: list, stream) -> torch.Tensor:
 
 
 def _sigma_range(model, start: float, end: float) -> tuple:
-    if hasattr(model, "get_model_object"):
-        ms = model.get_model_object("model_sampling")
-    else:                                      # 2024 ComfyUI
-        ms = model.model.model_sampling
+    ms = model.get_model_object("model_sampling")
     return float(ms.percent_to_sigma(start)), float(ms.percent_to_sigma(end))
 
 

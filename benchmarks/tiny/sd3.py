@@ -37,7 +37,7 @@ SD35_LARGE_CONFIG = _config([])
 
 
 def sd3_model(config: dict, scale: float = 0.05):
-    """The tiny SD3.5 as a ModelPatcher (Unavailable on a ComfyUI without SD3, e.g. 2024's)."""
+    """The tiny SD3.5 as a ModelPatcher."""
     return model_from_config("SD3", config, scale)
 
 

@@ -135,13 +135,8 @@ def run(args) -> dict:
            "judge": real}
     res["unet"] = evaluate_model("digits_unet", args.per_class, args.steps,
                                  args.cfg or demo.DEFAULT_CFG["digits_unet"], args.seed, out_dir, args.models_dir)
-    if demo.has_mmdit():
-        res["dit"] = evaluate_model("digits_dit", args.per_class, args.steps,
-                                    args.dit_cfg or demo.DEFAULT_CFG["digits_dit"], args.seed, out_dir,
-                                    args.models_dir)
-    else:
-        res["dit"] = {"skipped": f"the DiT demo model needs ComfyUI's SD3 MMDiT classes; {cr.comfy_version()} "
-                                 "has none (set COMFYUI_PATH to ComfyUI 0.3.x)"}
+    res["dit"] = evaluate_model("digits_dit", args.per_class, args.steps,
+                                args.dit_cfg or demo.DEFAULT_CFG["digits_dit"], args.seed, out_dir, args.models_dir)
     return res
 
 

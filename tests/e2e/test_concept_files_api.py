@@ -24,7 +24,7 @@ LOAD = "ConceptLabConceptNeuronsLoad"
 def linked(server, tmp_path):
     """models/concept_neurons of the server with a linked sub-folder, a linked file and a
     dangling link, all pointing into another folder ("another disk"); removed afterwards."""
-    folder = server.base / "models" / "concept_neurons"   # 2024 snapshot: its models/ links here
+    folder = server.base / "models" / "concept_neurons"
     folder.mkdir(parents=True, exist_ok=True)
     disk = tmp_path / "other_disk"
     (disk / "mine").mkdir(parents=True)

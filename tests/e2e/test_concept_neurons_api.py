@@ -38,8 +38,6 @@ def test_extract_then_save_twice_writes_two_files(server, object_info):
         names.append(entry["outputs"][save]["text"][0].split(" ")[0])
     assert names[0] != names[1]
     folder = server.base / "models" / "concept_neurons"
-    if not folder.is_dir():  # 2024 snapshot: models/ of the private ComfyUI copy
-        folder = server.base / "comfyui" / "models" / "concept_neurons"
     for n in names:
         assert (folder / n).is_file() and (folder / n).stat().st_size < 8192
 

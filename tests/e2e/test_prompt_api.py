@@ -25,19 +25,13 @@ def test_server_lists_the_pack_nodes(server, object_info):
 
 
 def test_example_workflows_are_valid_json_using_known_nodes(object_info):
-    """Every example converts to an API prompt. Our own nodes must always be registered; a
-    workflow built on core nodes this ComfyUI lacks (SamplerCustomAdvanced on the 2024 snapshot)
-    is allowed only on ComfyUI older than 0.3.x, and is named in the skip reason."""
+    """Every example converts to an API prompt; every node it uses is registered."""
     files = sorted((ROOT / "example_workflows").glob("*.json"))
     assert files
-    unavailable = []
     for f in files:
         wf = json.loads(f.read_text())
         missing = sorted({n["type"] for n in wf["nodes"]} - set(object_info) - set(cr._SKIP_TYPES))
-        assert not [m for m in missing if m.startswith("ConceptLab")], (f.name, missing)
-        if missing and not cr.is_modern():
-            unavailable.append(f"{f.name} ({', '.join(missing)})")
-            continue
+        assert not missing, (f.name, missing)
         prompt = cr.ui_to_api(wf, object_info)
         assert prompt, f.name
         for node_id, node in prompt.items():     # widget values land on the right inputs
@@ -45,16 +39,10 @@ def test_example_workflows_are_valid_json_using_known_nodes(object_info):
                 value = node["inputs"].get(name)
                 if spec and spec[0] in ("INT", "FLOAT") and not isinstance(value, list):
                     assert isinstance(value, (int, float)), (f.name, node_id, name, value)
-    if unavailable:
-        pytest.skip(f"{cr.comfy_version()} lacks core nodes used by: {'; '.join(unavailable)} "
-                    "(the others converted); set COMFYUI_PATH to ComfyUI 0.3.x to check them")
 
 
 def _example_prompt(name: str, dit: bool, object_info: dict) -> dict:
-    """An example workflow as an API prompt; DiT ones skip on ComfyUI without SD3 MMDiT."""
-    if dit and not cr.is_modern():
-        pytest.skip(f"the DiT demo model needs ComfyUI's SD3 MMDiT classes; {cr.comfy_version()} has none "
-                    "(set COMFYUI_PATH to ComfyUI 0.3.x)")
+    """An example workflow as an API prompt."""
     return cr.example_prompt(name, object_info)
 
 
@@ -145,9 +133,6 @@ def test_flux_example_is_accepted_but_for_its_model_files(server, object_info):
     weights ship, and ComfyUI builds T5-XXL at full size whatever file it loads). The server's
     own validation accepts every node, link and widget value of it except those file names; the
     tiny-Flux integration tests run the Concept Lab nodes' mechanics."""
-    if not cr.is_modern():
-        pytest.skip(f"the Flux example uses core nodes (FluxGuidance, EmptySD3LatentImage) that "
-                    f"{cr.comfy_version()} lacks")
     prompt = cr.example_prompt("saliency_flux_conceptattention.json", object_info)
     with pytest.raises(cr.PromptRejected) as e:
         server.run_prompt(prompt)

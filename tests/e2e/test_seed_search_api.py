@@ -43,9 +43,6 @@ def test_seed_rank_workflow_feeds_a_stock_ksampler(server, object_info):
 
 
 def test_seed_search_workflow_through_sampler_custom_advanced(server, object_info):
-    if not cr.is_modern():
-        pytest.skip(f"SamplerCustomAdvanced and the NOISE type need ComfyUI 0.3.x; {cr.comfy_version()} has none "
-                    "(set COMFYUI_PATH to ComfyUI 0.3.x)")
     prompt = cr.example_prompt("seed_select_then_custom_advanced.json", object_info)
     (search,) = _ids(prompt, "ConceptLabSeedSearch")
     assert prompt[search]["inputs"]["iterations"] == 40

@@ -293,8 +293,6 @@ def _flat(c):
 
 
 def test_dit_text_stream_kv_rows(lab, cn):
-    from conftest import needs_modern
-    needs_modern(lab, "The SD3 demo model")
     with torch.inference_mode():
         model, clip, vae, _ = lab.demo.build_demo_model("digits_dit")
     guard = lab.runtime.ModelGuard.of(model)
@@ -368,8 +366,6 @@ def test_reference_images_larger_than_an_sd3_position_embedding_are_refused(lab,
     """SD3's MMDiT has a learned position embedding of pos_embed_max_size patches a side
     (192 x patch 2 x VAE 8 = 3072 px for SD3-medium); Flux and the UNets have no such limit.
     The check reads it off a real-size SD3-medium built on the meta device (no memory)."""
-    if not lab.modern:
-        pytest.skip(f"{lab.version} has no SD3 classes; set COMFYUI_PATH to a ComfyUI 0.3.x checkout")
     import comfy.supported_models as sm
     config = dict(in_channels=16, patch_size=2, out_channels=16, depth=24, input_size=None,
                   adm_in_channels=2048, num_patches=36864, pos_embed_max_size=192,

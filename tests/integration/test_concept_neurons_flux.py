@@ -2,7 +2,7 @@
 guidance embedding and pooled text vector of Flux.1-dev, 16-channel latents, a flow model) with the
 demo CLIP's conditioning. Extraction lowers the concept-implanting loss, Apply touches only the K/V
 rows of the double-stream blocks' text QKV, the incoming MODEL stays bit-identical, files round-trip,
-and concepts / VAEs of another family are refused clearly. Skips on ComfyUI without Flux (2024)."""
+and concepts / VAEs of another family are refused clearly. Skips, saying why, where the running ComfyUI cannot build the tiny Flux."""
 import copy
 
 import pytest

@@ -12,7 +12,7 @@ text, 16-channel latents), seeded weights, the demo CLIP's conditioning.
   bit-identical, concepts of other families are refused.
 
 Seed Search / Seed Rank on Chroma: test_seed_search_flux.py. Skips (saying what is missing) on a
-ComfyUI without Chroma (the 2024 snapshot)."""
+ComfyUI whose Chroma classes take other parameters (0.3.75)."""
 import importlib
 
 import pytest

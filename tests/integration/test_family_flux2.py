@@ -13,7 +13,7 @@ no pooled vector), seeded weights, the demo CLIP's conditioning.
   names and shapes here).
 
 Seed Search / Seed Rank on Flux.2: test_seed_search_flux.py. Skips (saying what is missing) on a
-ComfyUI without Flux.2 (the 2024 snapshot)."""
+ComfyUI without Flux.2's options (0.3.75)."""
 import importlib
 
 import pytest

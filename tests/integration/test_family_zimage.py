@@ -14,7 +14,7 @@ real Z-Image checkpoint, shrunk: benchmarks/tiny/zimage.py) with the demo CLIP's
   concept's indices, files round-trip, Combine, and concepts of another family are refused.
 
 The incoming MODEL is checked bit for bit after every node. Skips, saying what is missing, on a
-ComfyUI without Z-Image's classes (the 2024 snapshot)."""
+ComfyUI without what the Z-Image capture reads (0.3.75)."""
 import copy
 import importlib
 

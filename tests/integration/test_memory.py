@@ -224,12 +224,6 @@ def test_other_errors_pass_through(lab, cn, demo, monkeypatch):
 # ------------------------------------------------------------------------------------------
 # partially loaded models (ComfyUI's lowvram layers)
 # ------------------------------------------------------------------------------------------
-def _needs_partial(lab, model):
-    if not hasattr(model, "partially_unload"):
-        pytest.skip(f"{lab.version}: ModelPatcher has no partially_unload/partially_load (the 2024 snapshot "
-                    "loads lowvram only through load_models_gpu, which never does so on a CPU device)")
-
-
 def _force_partial(lab, model, keep_fraction=0.3):
     """ComfyUI's own partial unload (what free_memory does under memory pressure): most layers
     go to the offload device and are cast at each forward (comfy_cast_weights), their weight
@@ -266,7 +260,6 @@ def _gradient(lab, cn, model, load=True):
 
 def test_partially_loaded_model_gives_extract_the_same_gradient(lab, cn, demo):
     import comfy.model_management as mm
-    _needs_partial(lab, demo.model)
     guard = lab.runtime.ModelGuard.of(demo.model)
     clone, patched = _kv_patch(cn, demo.model)
     clone.conceptlab_clip, clone.conceptlab_vae = demo.clip, demo.vae
@@ -294,7 +287,6 @@ def test_partially_loaded_model_gives_extract_the_same_gradient(lab, cn, demo):
 
 def test_partially_loaded_model_gives_seed_search_the_same_result(lab, ss, demo, demo_cv, monkeypatch):
     import comfy.model_management as mm
-    _needs_partial(lab, demo.model)
     guard = lab.runtime.ModelGuard.of(demo.model)
     pos, neg, lat, refs = _search_inputs(lab, demo.clip)
     mm.unload_all_models()

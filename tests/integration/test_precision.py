@@ -2,7 +2,7 @@
 
 The models are state dicts that ComfyUI's own model detection recognises (a narrow SD1.x UNet and
 a tiny Flux.1-dev, benchmarks/tiny/loading.py), loaded through ComfyUI's own loading path as
-UNETLoader's ``weight_dtype`` does (the 2024 snapshot: as its ``--fp16-unet`` ... flags do). The
+UNETLoader's ``weight_dtype`` does. The
 weights are stored in the precision; on a CPU ComfyUI computes with manual-cast ops in fp32.
 
 For each family and precision: Concept Neurons Extract lowers its loss and Apply zeroes exactly

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import needs_modern
 
 PROMPT = "a red seven on the left and a blue two on the right"
 
@@ -118,7 +117,6 @@ def test_clear_errors(lab, sal, demo):
 
 
 def test_conceptattention_leaves_the_dit_image_bit_identical(lab, sal):
-    needs_modern(lab, "The DiT demo model (ComfyUI's SD3 MMDiT classes)")
     with torch.inference_mode():
         model, clip, vae, _ = lab.demo.build_demo_model("digits_dit")
     guard = lab.runtime.ModelGuard.of(model)
@@ -214,7 +212,6 @@ def test_auto_method_follows_the_dit_scale(lab, sal, demo):
     """auto: DAAM on UNets; ConceptAttention on DiTs at the scale of real SD3 / SD3.5 / Flux,
     cross-attention on smaller ones (the demo DiT, where ConceptAttention's masks land on the
     background; docs/saliency-method-choice.md)."""
-    needs_modern(lab, "SD3 and Flux (ComfyUI's MMDiT and Flux classes)")
     from conftest import tiny_flux
     assert sal.auto_method("sd1", demo.model.model.diffusion_model)[0] == "daam"
     with torch.inference_mode():

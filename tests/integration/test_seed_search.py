@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import needs_modern, tiny_unet
+from conftest import tiny_unet
 
 
 def _refs(cls=8, n=3, colour="white"):
@@ -88,7 +88,6 @@ def test_rank_best_seed_reproduces_with_a_stock_ksampler(lab, ss, demo):
 
 
 def test_noise_drives_a_stock_sampler_custom_advanced(lab, ss, demo):
-    needs_modern(lab, "The NOISE type and SamplerCustomAdvanced")
     import comfy.sample
     import comfy_extras.nodes_custom_sampler as CS
     pos, neg, lat = _conds(lab, demo.clip)
@@ -113,7 +112,6 @@ def test_noise_drives_a_stock_sampler_custom_advanced(lab, ss, demo):
 
 
 def test_dit_search_and_rank(lab, ss):
-    needs_modern(lab, "The DiT demo model (ComfyUI's SD3 MMDiT classes)")
     with torch.inference_mode():
         model, clip, vae, _ = lab.demo.build_demo_model("digits_dit")
     guard = lab.runtime.ModelGuard.of(model)
@@ -164,9 +162,7 @@ def test_demo_clip_vision_embeds_digits_by_class(ss, demo_cv):
 
 def test_demo_clip_vision_runs_in_comfyui_clip_vision_encode(lab, ss, demo_cv):
     """The stock CLIPVisionEncode node gives the embedding the seed-search nodes compute
-    (ComfyUI 0.3.x reads the 64 px input size from the config; the 2024 snapshot resizes to 224)."""
-    if not hasattr(demo_cv, "image_size"):
-        pytest.skip("the 2024 snapshot's CLIPVisionEncode always resizes to 224 px")
+    (ComfyUI reads the 64 px input size from the config)."""
     ims, _ = _scenes([8, 3], 2)
     with torch.inference_mode():
         (out,) = lab.nodes.CLIPVisionEncode().encode(demo_cv, ims, "none")

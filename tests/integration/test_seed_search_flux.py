@@ -9,7 +9,7 @@ model (Flux.1 / Flux.2: FluxGuidance's value; Chroma: 0), the objective falls, t
 stock SamplerCustomAdvanced; Seed Rank's best seed reproduces its score with a stock KSampler; the
 references are encoded to the VAE's own latents (Flux.2's: batch-normed 2x2 patches); the
 incoming MODEL stays bit-identical. Skips (saying what is missing) on a ComfyUI without the
-family (the 2024 snapshot)."""
+family's classes or options (0.3.75 for some)."""
 
 import numpy as np
 import pytest

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import cr, needs_modern, skip_version
+from conftest import cr
 
 
 def _world(lab, key):
@@ -43,19 +43,8 @@ def test_unet_demo_model_draws_the_prompted_class(lab):
 
 
 def test_dit_demo_model_draws_the_prompted_class(lab):
-    needs_modern(lab, "The DiT demo model (ComfyUI's SD3 MMDiT classes)")
     # measured: 0.83 on the frequent classes (python -m benchmarks world)
     _draws_prompted_classes(lab, "digits_dit", lab.demo.DEFAULT_CFG["digits_dit"], 0.5)
-
-
-def test_dit_demo_model_refused_clearly_on_old_comfyui(lab):
-    if lab.demo.has_mmdit():
-        skip_version(f"{lab.version} has the SD3 MMDiT classes; the refusal path is for a ComfyUI "
-                      "without them (the 2024 snapshot)")
-    with pytest.raises(lab.runtime.ConceptLabError) as e:
-        lab.demo.build_demo_model("digits_dit")
-    msg = str(e.value)
-    assert "ConceptLab Load Demo Model" in msg and "Fix:" in msg and "digits-unet" in msg
 
 
 def test_demo_images_node_serves_the_bundled_handwriting(lab):
