@@ -199,25 +199,31 @@ class ConsoleWatch:
 
 class FrontEnd:
     """A real ComfyUI server (with the pack, unless ``pack=False``) and one headless Chromium,
-    shared by the tests of a module; use as a context manager.
+    shared by the tests of a module; use as a context manager. ``server`` attaches to a running
+    server instead (e.g. the test session's), which is left running.
 
     :meth:`open` gives each test its own page in a fresh browser context (its own local and
     session storage), after writing the user settings it asks for to the server (``POST
-    /settings``): the front end reads them when the page loads."""
+    /settings``): the front end reads them when the page loads. The language is English unless
+    a test asks for another (``Comfy.Locale``), since one server may serve several tests."""
 
     def __init__(self, base: Path | None = None, pack: bool = True, settings: dict | None = None,
-                 browser=None, **server_kw):
-        self._tmp = None if base else tempfile.TemporaryDirectory(prefix="conceptlab-frontend-")
-        self.base = Path(base or self._tmp.name)
+                 browser=None, server=None, **server_kw):
+        self._tmp = None if base or server else tempfile.TemporaryDirectory(prefix="conceptlab-frontend-")
+        self.base = Path(base or (server.base if server else self._tmp.name))
         self.pack, self.settings, self.server_kw = pack, settings, server_kw
         self.browser, self._own_browser = browser, browser is None   # another FrontEnd's, or ours
-        self.server = self._pw = None
+        self.server, self._own_server = server, server is None
+        self._pw = None
 
     def __enter__(self) -> "FrontEnd":
         from playwright.sync_api import sync_playwright
-        seed_user(self.base, self.settings)
         try:
-            self.server = cr.ComfyServer(base=self.base, pack=self.pack, **self.server_kw).start()
+            if self._own_server:
+                seed_user(self.base, self.settings)
+                self.server = cr.ComfyServer(base=self.base, pack=self.pack, **self.server_kw).start()
+            else:
+                self.set_settings(dict(RETURNING_USER_SETTINGS, **(self.settings or {})))
             if self._own_browser:
                 self._pw = sync_playwright().start()
                 self.browser = launch(self._pw)
@@ -229,7 +235,7 @@ class FrontEnd:
     def __exit__(self, *exc) -> None:
         own = self._own_browser and self.browser
         for close in (own and self.browser.close, self._pw and self._pw.stop,
-                      self.server and self.server.stop, self._tmp and self._tmp.cleanup):
+                      self._own_server and self.server and self.server.stop, self._tmp and self._tmp.cleanup):
             if close:
                 try:
                     close()
@@ -250,7 +256,7 @@ class FrontEnd:
         :class:`ConsoleWatch` attached from the start: ``(page, watch)``. ``vue`` sets Nodes 2.0
         on or off first (None: leave the setting as it is); ``settings`` sets other user settings;
         ``locale`` is the browser's language."""
-        values = dict(settings or {})
+        values = dict({"Comfy.Locale": "en"}, **(settings or {}))
         if vue is not None:
             values[VUE_NODES] = bool(vue)
         self.set_settings(values)
@@ -265,13 +271,15 @@ class FrontEnd:
         return front_end_baseline(vue=vue, browser=self.browser)
 
 
-def shared_front_end(env: dict | None = None):
+def shared_front_end(server=None, env: dict | None = None):
     """A module's :class:`FrontEnd`, for a module-scoped pytest fixture::
 
-        front_end = pytest.fixture(scope="module")(br.shared_front_end)
+        @pytest.fixture(scope="module")
+        def front_end(server):          # the session's server (tests/conftest.py), or none: its own
+            yield from br.shared_front_end(server)
 
     Skips (the reason from :func:`preflight`) where the browser tests cannot run. ``env`` is set
-    for the server process only (e.g. ``{"OMP_NUM_THREADS": "1"}``)."""
+    for the process of a server of its own (e.g. ``{"OMP_NUM_THREADS": "1"}``)."""
     import pytest
     why = preflight()
     if why:
@@ -279,7 +287,7 @@ def shared_front_end(env: dict | None = None):
     saved = {k: os.environ.get(k) for k in (env or {})}
     os.environ.update(env or {})
     try:
-        fe = FrontEnd().__enter__()
+        fe = FrontEnd(server=server).__enter__()
     finally:
         for k, v in saved.items():
             if v is None:

@@ -88,7 +88,7 @@ def test_blueprints_are_current():
 @pytest.fixture(scope="module")
 def front_end():
     # One torch thread in the server: on a busy 2-core machine OpenMP threads wait on each other.
-    yield from br.shared_front_end({"OMP_NUM_THREADS": "1"})
+    yield from br.shared_front_end(env={"OMP_NUM_THREADS": "1"})
 
 
 def _new_history(server, before: set, timeout: float) -> dict:
@@ -167,7 +167,7 @@ def test_blueprints_are_listed_and_each_runs(front_end, tmp_path):
             if output != "loss_curve":   # a plot; the rest are the demo's 64 x 64 pictures
                 assert picture.size == (64, 64), (name, output, picture.size)
             if output == "mask":   # where the model put the word: some of the image, not all of it
-                share = sum(1 for v in picture.getdata() if v > 127) / (64 * 64)
+                share = sum(1 for v in picture.tobytes() if v > 127) / (64 * 64)
                 assert 0.005 < share < 0.6, (name, share, where)
     added = watch.added_by_pack(baseline)
     assert not added, (f"console errors the pack added ({where}):\n" + "\n".join(added)

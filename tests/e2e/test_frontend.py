@@ -123,7 +123,10 @@ def _get(url: str):
         return e.code, e.read()
 
 
-front_end = pytest.fixture(scope="module")(br.shared_front_end)   # one server and browser here
+@pytest.fixture(scope="module")
+def front_end(server):
+    """The session's ComfyUI server (tests/conftest.py) and this module's Chromium."""
+    yield from br.shared_front_end(server)
 
 
 def test_the_server_serves_the_extension(front_end):

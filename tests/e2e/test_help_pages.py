@@ -63,7 +63,7 @@ def test_help_pages_are_current(object_info):
         fresh, size = hp.picture_bytes(src)
         with Image.open(path) as have, Image.open(io.BytesIO(fresh)) as want:
             assert have.size == want.size == size, (name, have.size, want.size)
-            diff = sum(abs(a - b) for a, b in zip(have.convert("L").getdata(), want.convert("L").getdata()))
+            diff = sum(abs(a - b) for a, b in zip(have.convert("L").tobytes(), want.convert("L").tobytes()))
             assert diff / (size[0] * size[1]) < 2.0, f"{path} is not the current {src} (run the generator)"
 
 
@@ -132,7 +132,10 @@ def _select(page, added: dict, vue: bool, tmp_path) -> None:
     pytest.fail(f"selecting the node showed no info button: {state}; screenshot {shot}")
 
 
-front_end = pytest.fixture(scope="module")(br.shared_front_end)   # one server and browser here
+@pytest.fixture(scope="module")
+def front_end(server):
+    """The session's ComfyUI server (tests/conftest.py) and this module's Chromium."""
+    yield from br.shared_front_end(server)
 
 
 @pytest.mark.parametrize("lang, vue", [("en", False), ("ja", True)], ids=["en-classic", "ja-nodes2"])

@@ -167,7 +167,10 @@ def _older_than(version: str, than: tuple) -> bool:
 
 
 
-front_end = pytest.fixture(scope="module")(br.shared_front_end)   # one server and browser here
+@pytest.fixture(scope="module")
+def front_end(server):
+    """The session's ComfyUI server (tests/conftest.py) and this module's Chromium."""
+    yield from br.shared_front_end(server)
 
 
 @pytest.mark.parametrize("vue", [False, True], ids=br.RENDERER_IDS)

@@ -120,7 +120,7 @@ def _quick(workflow: dict, steps: int = 8, seed: int = 1234) -> dict:
 def front_end():
     # One torch thread in the server: on a busy 2-core machine OpenMP threads wait on each other
     # and sampling even this tiny model can take many times longer.
-    yield from br.shared_front_end({"OMP_NUM_THREADS": "1"})
+    yield from br.shared_front_end(env={"OMP_NUM_THREADS": "1"})
 
 
 @pytest.mark.parametrize("vue", [False, True], ids=br.RENDERER_IDS)
