@@ -719,7 +719,7 @@ def _references(more_references, references_2, references_3) -> dict:
 # ---------------------------------------------------------------------------------------------
 # nodes
 # ---------------------------------------------------------------------------------------------
-_ALIASES = ["SeedSelect", "seed", "noise", "rare concept", "find seed", "best seed"]
+_ALIASES = ["seed", "noise", "rare concept", "find seed", "best seed"]
 
 
 class ConceptLabSeedSearch(io.ComfyNode):
@@ -736,8 +736,8 @@ class ConceptLabSeedSearch(io.ComfyNode):
                 "keeps the noise on the Gaussian shell (ReNO); the best iterate is kept and the search stops "
                 "when the loss keeps rising. Outputs: NOISE for SamplerCustomAdvanced (ComfyUI 0.3.x), the "
                 "noise as a LATENT, and the loss curve. Sample with the same prompt, latent and CFG."),
-            search_aliases=_ALIASES + ["ReNO", "seed search", "noise optimization", "optimise noise",
-                                       "initial noise"],
+            search_aliases=["SeedSelect", "ReNO"] + _ALIASES + ["seed search", "noise optimization",
+                                                                "optimise noise", "initial noise"],
             hidden=[io.Hidden.unique_id],
             inputs=[
                 *_common_inputs(),
