@@ -17,7 +17,8 @@
 - What is excused (:meth:`ConsoleWatch.added_by_pack`): errors in the baseline, and requests the
   front end itself makes to hosts outside this machine (the Comfy Registry, model hubs), which
   fail here because the sandbox has no internet and ComfyUI's CSP allows only its own origin.
-  Front end 1.32.9, for one, asks the registry about every node pack of a loaded workflow. An
+  Front end 1.32.9, for one, asks the registry about every node pack of a loaded workflow. Nor
+  is the browser's own request for /favicon.ico, which ComfyUI does not serve. An
   error logged from the pack's own scripts (/extensions/ConceptLab/) is never excused, nor one
   that names the pack unless it is such an external request.
 """
@@ -78,6 +79,8 @@ RENDERER_JS = f"""() => {{
 
 _PACK_RX = re.compile(r"concept[_ ]?lab", re.IGNORECASE)
 _PACK_SCRIPT_RX = re.compile(r"/extensions/ConceptLab/")
+# Chromium asks every new host for /favicon.ico by itself (ComfyUI has none): not a page's error.
+_FAVICON_RX = re.compile(r"^http://127\.0\.0\.1:\d+/favicon\.ico$")
 # A request to another host, refused by the page's CSP or failed for lack of a network.
 _EXTERNAL_RX = re.compile(
     r"(violates the following Content Security Policy directive: \"connect-src"
@@ -187,7 +190,7 @@ class ConsoleWatch:
         for t, u in self.errors:
             if _PACK_SCRIPT_RX.search(u):
                 out.append(f"{t}  [{u}]")
-            elif self._is_external(t, u):
+            elif self._is_external(t, u) or _FAVICON_RX.search(u):
                 continue
             elif _PACK_RX.search(f"{t} {u}") or normalise(f"{t}  [{u}]") not in baseline:
                 out.append(f"{t}  [{u}]")
