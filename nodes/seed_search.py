@@ -570,6 +570,8 @@ def candidate_preview(model, vae, x0: torch.Tensor, in_search: bool = False) -> 
         raw = model.model.process_latent_out(x0[:1])
         if in_search:
             return preview_image(vae_decode(vae, raw[:, :, 0] if raw.ndim == 5 else raw))
+        if raw.ndim == 5 and not vae_frames(vae):
+            raw = raw[:, :, 0]      # an image VAE takes the one frame (0.3.75's decode refuses 5-D)
         images = vae.decode(raw)
         return preview_image(images.reshape(-1, *images.shape[-3:]))
 
