@@ -264,12 +264,15 @@ class _CheckpointedCall(torch.autograd.Function):
     @staticmethod
     def forward(ctx, call, _anchor, *tensors):
         ctx.call = call
-        ctx.inputs = [(t, t._version) for t in tensors]
+        if call.offload is not None:     # kept in host memory until backward (copies: no version to check)
+            ctx.inputs = [(to_host(t, call.offload), None) for t in tensors]
+        else:
+            ctx.inputs = [(t, t._version) for t in tensors]
         # the block may update its inputs in place (Flux's blocks do: img += ...); it runs on
         # copies, so the inputs kept for the recomputation stay what the block was given
         flat = torch.utils._pytree.tree_flatten(call.run([_copy(t) for t in tensors]))
         call.out_spec = flat[1]
-        call.out_items = [None if isinstance(o, torch.Tensor) else o for o in flat[0]]
+        call.out_items = [_TENSOR if isinstance(o, torch.Tensor) else o for o in flat[0]]
         outs = tuple(o for o in flat[0] if isinstance(o, torch.Tensor))
         ctx.mark_non_differentiable(*[o for o in outs if not o.is_floating_point()])
         return outs
@@ -279,10 +282,12 @@ class _CheckpointedCall(torch.autograd.Function):
         call = ctx.call
         leaves = []
         for t, version in ctx.inputs:
-            if t._version != version:
+            if version is not None and t._version != version:
                 raise RuntimeError(
                     "checkpointed block: an input was modified in place after the block ran; its "
                     "recomputation would differ. This is a bug in the pack (kernels/autograd.py).")
+            if isinstance(t, _Offloaded):
+                t = t.back()
             leaf = t.detach()
             if t.requires_grad and t.is_floating_point():
                 leaf.requires_grad_(True)
@@ -299,6 +304,32 @@ class _CheckpointedCall(torch.autograd.Function):
         return (None, None, *[x.grad if x.requires_grad else None for x in leaves])
 
 
+_TENSOR = object()   # where a checkpointed call's result had a tensor
+
+
+class _Offloaded:
+    """A checkpointed block's input kept in host memory: a copy, and where it came from."""
+    __slots__ = ("copy", "device", "requires_grad")
+
+    def __init__(self, t: torch.Tensor, host):
+        self.copy = t.detach().to(host, copy=True)
+        self.device, self.requires_grad = t.device, t.requires_grad
+
+    def back(self) -> torch.Tensor:
+        t = self.copy.to(self.device, copy=True)
+        return t.requires_grad_(True) if self.requires_grad else t
+
+    @property
+    def _version(self):
+        return None
+
+
+def to_host(t: torch.Tensor, host) -> "_Offloaded | torch.Tensor":
+    """A checkpointed block's floating-point input, copied to ``host`` memory until backward
+    (other inputs, small, stay as they are)."""
+    return _Offloaded(t, host) if t.is_floating_point() and t.numel() > 4096 else t
+
+
 def _copy(t: torch.Tensor) -> torch.Tensor:
     return t.clone() if t.is_floating_point() else t
 
@@ -306,11 +337,14 @@ def _copy(t: torch.Tensor) -> torch.Tensor:
 class _Call:
     """One checkpointed call: its function, how to put tensors back into its arguments, and (after
     the forward) the structure of its result."""
-    __slots__ = ("fn", "flat", "where", "spec", "weights", "recast", "out_spec", "out_items")
+    __slots__ = ("fn", "flat", "where", "spec", "weights", "recast", "offload", "out_spec", "out_items")
 
-    def __init__(self, fn, flat, spec, weights, recast):
+    def __init__(self, fn, flat, spec, weights, recast, offload=None):
         self.fn, self.flat, self.spec, self.weights, self.recast = fn, flat, spec, weights, recast
+        self.offload = offload
         self.where = [i for i, a in enumerate(flat) if isinstance(a, torch.Tensor)]
+        # the tensors themselves are not kept here (the Function keeps what it must, maybe offloaded)
+        self.flat = [None if isinstance(a, torch.Tensor) else a for a in flat]
         self.out_spec = self.out_items = None
 
     def run(self, tensors):
@@ -322,18 +356,19 @@ class _Call:
 
     def result(self, outs):
         outs = iter(outs if isinstance(outs, tuple) else (outs,))
-        items = [next(outs) if o is None else o for o in self.out_items]
+        items = [next(outs) if o is _TENSOR else o for o in self.out_items]
         return torch.utils._pytree.tree_unflatten(items, self.out_spec)
 
 
 def checkpointed(fn: Callable, weights: Iterable[torch.Tensor] = (), trains_inside: bool = False,
-                 recast=None) -> Callable:
+                 recast=None, offload=None) -> Callable:
     """``fn`` (a block's forward) with gradient checkpointing that is right for in-place code
     (see :class:`_CheckpointedCall`): with autograd on, only its tensor inputs are kept, and it
     runs again at backward. ``weights``: the block's weights (saved by reference in the
     recomputation, as :func:`activation_snapshots` does; ``recast`` as there). ``trains_inside``:
     the block holds weights that collect their gradients themselves (Extract's K/V scores), so it
-    is differentiated even when no input requires grad. Without autograd it simply runs ``fn``."""
+    is differentiated even when no input requires grad. ``offload``: a device (the host) where the
+    inputs wait for backward instead of the compute device. Without autograd it simply runs ``fn``."""
     weights = list(weights)
 
     def run(*args, **kwargs):
@@ -341,7 +376,7 @@ def checkpointed(fn: Callable, weights: Iterable[torch.Tensor] = (), trains_insi
         tensors = [a for a in flat if isinstance(a, torch.Tensor)]
         if not (torch.is_grad_enabled() and (trains_inside or any(t.requires_grad for t in tensors))):
             return fn(*args, **kwargs)
-        call = _Call(fn, flat, spec, weights, recast)
+        call = _Call(fn, flat, spec, weights, recast, offload)
         anchor = torch.zeros((), requires_grad=trains_inside)
         return call.result(_CheckpointedCall.apply(call, anchor, *tensors))
 
@@ -351,7 +386,7 @@ def checkpointed(fn: Callable, weights: Iterable[torch.Tensor] = (), trains_insi
 @contextlib.contextmanager
 def checkpointed_modules(modules: Iterable[torch.nn.Module], weights: Iterable[torch.Tensor] = (),
                          trains: Callable[[torch.nn.Module], bool] = lambda m: False,
-                         recast=None) -> Iterator[int]:
+                         recast=None, offload=None) -> Iterator[int]:
     """Gradient checkpointing for each of ``modules`` (:func:`checkpointed` over its forward) for
     the duration of the ``with``; yields how many were wrapped. The wrappers are instance
     attributes over the class's forward, removed on exit: nothing of the modules changes."""
@@ -362,7 +397,7 @@ def checkpointed_modules(modules: Iterable[torch.nn.Module], weights: Iterable[t
             if "forward" in vars(m):
                 continue
             own = [p for p in m.parameters()] + [b for b in m.buffers()]
-            m.forward = checkpointed(m.forward, own or weights, trains(m), recast)
+            m.forward = checkpointed(m.forward, own or weights, trains(m), recast, offload)
             wrapped.append(m)
         yield len(wrapped)
     finally:

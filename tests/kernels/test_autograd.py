@@ -226,9 +226,9 @@ def _plain_block(blk, x, scale):
     return (x + blk.lin(y) * scale).sin(), y.pow(2).sum()
 
 
-def _block_grads(blk, run):
+def _block_grads(blk, run, rows=4):
     torch.manual_seed(3)
-    x = torch.randn(4, 8, requires_grad=True)
+    x = torch.randn(rows, 8, requires_grad=True)
     out, aux = run(x * 1.0)
     (out.pow(2).sum() + aux).backward()
     grads = (x.grad.clone(), blk.lin.weight.grad.clone())
@@ -277,6 +277,32 @@ def test_checkpointed_modules_give_the_plain_gradients_and_restore_the_module(K)
     got = _block_grads(blk, run)
     assert "forward" not in vars(blk)
     assert torch.equal(got[0], plain[0]) and torch.equal(got[1], plain[1])
+
+
+def test_checkpointed_inputs_can_wait_in_host_memory(K):
+    """``offload``: the inputs are kept as host copies until backward (on a GPU: system memory);
+    the gradients are the same, and the block's own inputs are not held."""
+    torch.manual_seed(0)
+    blk = _BlockWithInPlace()
+    plain = _block_grads(blk, lambda x: _plain_block(blk, x, 2.0), rows=1024)
+    made = []
+    real = K.autograd._Offloaded.__init__
+
+    def recording(self, t, host):
+        made.append(tuple(t.shape))
+        real(self, t, host)
+
+    def run(x):
+        with K.autograd.checkpointed_modules([blk], offload=torch.device("cpu")):
+            out, d = blk(x, scale=2.0)
+        return out, d["aux"]
+    K.autograd._Offloaded.__init__ = recording
+    try:
+        got = _block_grads(blk, run, rows=1024)
+    finally:
+        K.autograd._Offloaded.__init__ = real
+    assert torch.equal(got[0], plain[0]) and torch.equal(got[1], plain[1])
+    assert made == [(1024, 8)]            # the block's input (small ones stay where they are)
 
 
 def test_checkpointing_keeps_only_the_inputs(K):
