@@ -343,3 +343,108 @@ def decode_indices(blob: torch.Tensor, count: int, numel: int) -> torch.Tensor:
 
 def bytes_per_index(blobs: Mapping[str, torch.Tensor], count: int) -> float:
     return sum(int(b.numel()) for b in blobs.values()) / max(count, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# scores reduced inside backward
+# --------------------------------------------------------------------------------------------
+class ScoredLayer:
+    """One candidate K/V weight during a gradient evaluation, without dense gradients held for the
+    model: the forward reads ``theta * m`` (the weight under the search's current multipliers),
+    made one layer at a time when the layer runs; the backward adds this call's ``dL/dW`` over the
+    candidate rows into an fp32 accumulator (on ``acc_device``: the compute device, or the host to
+    keep the device free) and drops it. :meth:`multiplier_grads` then gives ``dL/dm = theta * dL/dW``,
+    the gradient the search procedures take.
+
+    ``theta``: a function returning the stored weight on a device (an alias of the model's own
+    tensor, or its copy streamed from the offload device). ``multiplier``: None (all ones), or a
+    tensor of the weight's shape; one made only of 0 and 1 (the iterative procedure's shut set) is
+    applied as the indices of its zeros."""
+
+    def __init__(self, name: str, theta: Callable[[], torch.Tensor], shape: tuple, kind: str,
+                 multiplier: Optional[torch.Tensor] = None, acc_device: Optional[torch.device] = None,
+                 mode: str = "multiply"):
+        self.name, self.theta, self.shape, self.kind = name, theta, tuple(shape), kind
+        self.row0 = fused_kv_start(self.shape, kind) if kind in ("qkv", "qkv_gqa") else 0
+        self.acc_device = acc_device
+        self.acc: Optional[torch.Tensor] = None
+        self.calls = 0
+        self.mode = mode
+        self.zeros = self.dense = None
+        if mode == "add":                  # W' = theta + delta (the dense fine-tune baseline)
+            self.dense = None if multiplier is None else multiplier.reshape(self.shape).float()
+        elif multiplier is not None:
+            m = multiplier.reshape(self.shape)
+            if bool(((m == 0) | (m == 1)).all()):
+                zeros = torch.nonzero(m.reshape(-1) == 0).reshape(-1)
+                self.zeros = zeros if zeros.numel() else None
+            else:
+                self.dense = m.float()
+
+    def weight(self, device) -> torch.Tensor:
+        """``theta * m`` (or ``theta + delta``) in fp32 on ``device`` (a copy of this one layer)."""
+        w = self.theta().to(device=device, dtype=torch.float32, copy=True)
+        if self.zeros is not None:
+            w.view(-1).index_fill_(0, self.zeros.to(device), 0.0)
+        elif self.dense is not None:
+            if self.mode == "add":
+                w.add_(self.dense.to(device))
+            else:
+                w.mul_(self.dense.to(device))
+        return w
+
+    def add(self, grad_w: torch.Tensor) -> None:
+        rows = grad_w[self.row0:]
+        dev = self.acc_device or rows.device
+        if self.acc is None:
+            self.acc = torch.zeros(rows.shape, dtype=torch.float32, device=dev)
+        self.acc += rows.to(dev, torch.float32)
+        self.calls += 1
+
+    def multiplier_grads(self) -> torch.Tensor:
+        """``dL/dm`` (``dL/ddelta`` in "add" mode) on the host, the weight's shape (0 outside the
+        candidate rows)."""
+        out = torch.zeros(self.shape, dtype=torch.float32)
+        if self.acc is not None:
+            acc = self.acc.to("cpu")
+            if self.mode == "add":
+                out[self.row0:] = acc
+            else:
+                out[self.row0:] = self.theta().detach()[self.row0:].to("cpu", torch.float32) * acc
+        return out
+
+
+class _ScoredLinear(torch.autograd.Function):
+    """``y = x W'^T + b`` with ``W' = theta * m`` made by the layer, computed in fp32 (so the weight
+    gradient is fp32 whatever the model's precision) and returned in ``x``'s dtype. Backward:
+    ``dL/dW'`` (over the candidate rows) goes to the layer's accumulator, ``dL/dx`` back to autograd.
+    Nothing of the layer is kept between forward and backward but ``x`` (by reference, checked)."""
+
+    @staticmethod
+    def forward(ctx, x, _anchor, layer, bias):
+        w = layer.weight(x.device)
+        y = torch.nn.functional.linear(x.float(), w, None if bias is None else bias.float())
+        ctx.layer, ctx.bias = layer, bias
+        ctx.x, ctx.version = x, x._version
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, layer = ctx.x, ctx.layer
+        if x._version != ctx.version:
+            raise RuntimeError(f"scored K/V layer {layer.name}: its input was modified in place before "
+                               "backward. This is a bug in the pack (kernels/concept_neurons.py).")
+        g = gy.reshape(-1, gy.shape[-1]).float()
+        layer.add(g.t() @ x.reshape(-1, x.shape[-1]).float())
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gx = (g @ layer.weight(g.device)).reshape(x.shape).to(x.dtype)
+        ctx.x = ctx.layer = None
+        return gx, None, None, None
+
+
+def scored_linear(x: torch.Tensor, layer: ScoredLayer, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A K/V projection through :class:`_ScoredLinear` (an anchor that requires grad makes autograd
+    call its backward even when ``x`` does not: the text condition never does)."""
+    anchor = torch.zeros((), requires_grad=torch.is_grad_enabled())
+    return _ScoredLinear.apply(x, anchor, layer, bias)

@@ -70,22 +70,19 @@ UNET_RESBLOCK_WEIGHT = 0.75
 DIT_BLOCK_TRAIN_FACTOR = 0.7
 
 #: A decode with gradients through a decoder checkpointed block by block, as a multiple of
-#: ComfyUI's inference decode estimate (``VAE.memory_used_decode``): the kept block inputs (about
-#: 0.45x for the SD decoder, counted per stage in docs/memory.md) plus one block recomputed with
-#: its gradients (about 0.45x), rounded up.
-VAE_GRAD_FACTOR = 1.0
+#: ComfyUI's inference decode estimate (``VAE.memory_used_decode``): the kept block inputs plus
+#: one block recomputed with its gradients. Counted in fake tensors (SD VAE in bf16, ``python -m
+#: benchmarks scale --section fit``): 1.35x at 512 px and at 1024 px; rounded up: 1.4. With the
+#: block inputs waiting in system memory ("checkpoint + offload") only the recomputed block is on
+#: the device: 0.88x, rounded up: 0.95.
+VAE_GRAD_FACTOR = 1.4
+VAE_GRAD_FACTOR_OFFLOADED = 0.95
 
 #: Per token and layer of a ViT encoder, tensors of the layer width saved for backward (two
 #: layer-norm inputs and outputs, q, k, v, attention output, out-projection input, residual) and
 #: of the MLP width (fc1 output, activation output).
 VIT_WIDTH_TENSORS = 10
 VIT_MLP_TENSORS = 2
-
-#: Per trainable K/V weight element in Extract: the product ``theta * m`` (fp32), the multiplier
-#: leaf, its gradient, and the gradient of the product (4 bytes each), plus a 4-byte fp32 lift
-#: of weights stored in fp16/bf16/fp8.
-KV_FP32_TENSORS = 4
-
 
 def dtype_bytes(dtype) -> int:
     """Bytes per element of a torch dtype (or of its name: 'float16', 'bf16', ...)."""
@@ -115,10 +112,15 @@ def inference_forward_bytes(latent_shape: Sequence[int], dtype, usage_factor: fl
     return int(latent_area(latent_shape) * dtype_bytes(dtype) * COMFY_MIB_PER_AREA_BYTE * float(usage_factor) * MIB)
 
 
-def train_forward_bytes(latent_shape: Sequence[int], dtype, usage_factor: float = 1.0, dit_blocks: int = 0) -> int:
+def train_forward_bytes(latent_shape: Sequence[int], dtype, usage_factor: float = 1.0, dit_blocks: int = 0,
+                        unit_inputs: int = 0) -> int:
     """Activations one diffusion forward keeps for backward: :data:`TRAIN_FORWARD_FACTOR` x the
-    inference figure for a UNet (``dit_blocks`` 0), :data:`DIT_BLOCK_TRAIN_FACTOR` x it per block
-    for a DiT of ``dit_blocks`` transformer blocks."""
+    inference figure for a UNet (``dit_blocks`` 0); for a DiT of ``dit_blocks`` transformer blocks
+    :data:`DIT_FULL_FACTOR` x its blocks' inputs (``unit_inputs``: tokens x width per block, from
+    the model's geometry), or, where they are not given, :data:`DIT_BLOCK_TRAIN_FACTOR` x the
+    inference figure per block."""
+    if dit_blocks and unit_inputs:
+        return int(DIT_FULL_FACTOR * unit_inputs)
     factor = DIT_BLOCK_TRAIN_FACTOR * int(dit_blocks) if dit_blocks else TRAIN_FORWARD_FACTOR
     return int(factor * inference_forward_bytes(latent_shape, dtype, usage_factor))
 
@@ -166,13 +168,6 @@ def transformer_inference_bytes(vit: VitShape, batch: int, dtype) -> int:
     return int(batch * vit.tokens * per_token * dtype_bytes(dtype))
 
 
-def kv_train_bytes(kv_numel: int, weight_dtype) -> int:
-    """The fp32 tensors Extract makes per trainable K/V weight (:data:`KV_FP32_TENSORS`, plus a
-    lift to fp32 of weights stored narrower)."""
-    lift = 4 if dtype_bytes(weight_dtype) < 4 else 0
-    return int(kv_numel) * (4 * KV_FP32_TENSORS + lift)
-
-
 @dataclass(frozen=True)
 class Estimate:
     """Bytes above the loaded weights, by part; ``total`` is what ComfyUI is asked for."""
@@ -191,23 +186,47 @@ class Estimate:
 
 def seed_search_estimate(latent_shape: Sequence[int], model_dtype, usage_factor: float, cfg: float,
                          search_steps: int, decode_bytes: int = 0, vit: VitShape | None = None,
-                         vit_dtype=None, dit_blocks: int = 0, vit_cast_bytes: int = 0) -> Estimate:
+                         vit_dtype=None, dit_blocks: int = 0, vit_cast_bytes: int = 0, *,
+                         checkpoint: bool = False, unit_inputs: int = 0, casts: int = 0,
+                         offload: bool = False, phases: bool = False) -> Estimate:
     """One Seed Search iteration (step-level checkpointing): one step's diffusion activations
-    with autograd on the CFG batch, the per-step latents the checkpointing keeps, the VAE decode
-    with gradients (``decode_bytes``: ComfyUI's ``VAE.memory_used_decode`` for the latent; 0
-    without CLIP vision: the semantic loss then reads latents) and CLIP vision's forward/backward
+    with autograd on the CFG batch (all of them, or with ``checkpoint`` the units' inputs and one
+    unit's: ``unit_inputs`` for the CFG batch), the weight casts backward keeps (``casts``; 0 when
+    made again), the per-step latents the checkpointing keeps, the VAE decode with gradients
+    (``decode_bytes``: ComfyUI's ``VAE.memory_used_decode`` for the latent; 0 without CLIP
+    vision: the semantic loss then reads latents) and CLIP vision's forward/backward
     (``vit_cast_bytes``: the fp32 casts of its weights that backward keeps when it is stored in
-    half precision or fp8 and computes in fp32)."""
+    half precision or fp8 and computes in fp32). ``offload``: checkpointed inputs wait in system
+    memory. ``phases``: the step and the loss (decode and CLIP vision) run one after the other
+    (the search back-propagates each step's loss before building the step's graph), so only the
+    larger counts; without it they are added (the estimate of earlier versions)."""
     b = int(latent_shape[0])
     shape = (call_batch(b, cfg), *latent_shape[1:])
     latent = math.prod(int(s) for s in latent_shape) * 4
-    parts = [("diffusion step with autograd", train_forward_bytes(shape, model_dtype, usage_factor, dit_blocks)),
-             ("checkpointed step latents", latent * (int(search_steps) + 3))]
+    if checkpoint:
+        step_bytes = checkpointed_forward_bytes(shape, model_dtype, usage_factor, dit_blocks, unit_inputs)
+        if offload:         # the units' inputs wait in system memory: one unit on the device
+            step_bytes -= int(unit_inputs)
+        step = ("diffusion step, checkpointed", step_bytes)
+    else:
+        step = ("diffusion step with autograd", train_forward_bytes(shape, model_dtype, usage_factor, dit_blocks,
+                                                                    unit_inputs))
+    loss = []
     if decode_bytes:
-        parts.append(("VAE decode with gradients", int(VAE_GRAD_FACTOR * decode_bytes)))
+        factor = VAE_GRAD_FACTOR_OFFLOADED if offload else VAE_GRAD_FACTOR
+        loss.append(("VAE decode with gradients", int(factor * decode_bytes)))
     if vit is not None:
-        parts.append(("CLIP vision with gradients", transformer_train_bytes(vit, b, vit_dtype or "float32")
-                      + int(vit_cast_bytes)))
+        loss.append(("CLIP vision with gradients", transformer_train_bytes(vit, b, vit_dtype or "float32")
+                     + int(vit_cast_bytes)))
+    parts = [("checkpointed step latents", latent * (int(search_steps) + 3))]
+    if casts:
+        parts.append(("weight casts kept for backward", int(casts)))
+    if phases:
+        loss_bytes = sum(v for _, v in loss)
+        larger = step if step[1] >= loss_bytes else ("VAE decode and CLIP vision with gradients", loss_bytes)
+        parts.append((larger[0] + " (the larger phase)", larger[1]))
+    else:
+        parts += [step] + loss
     return Estimate(tuple(parts))
 
 
@@ -225,12 +244,63 @@ def seed_rank_estimate(latent_shape: Sequence[int], model_dtype, usage_factor: f
     return Estimate(tuple(parts))
 
 
+@dataclass(frozen=True)
+class KVGeometry:
+    """Extract's candidate K/V weights: how many elements (the rows a concept can shut) and the
+    largest layer's element count."""
+    candidates: int
+    largest: int
+
+
+#: A DiT's forward with autograd keeps about this many times its blocks' inputs (each block's
+#: tokens x width), counted in fake tensors at 1024 px in bf16 (``python -m benchmarks scale
+#: --probe fit-parts``, ComfyUI 0.33 classes): Flux.1 13.0x, Qwen-Image 13.4x, Flux.2 19.0x,
+#: Z-Image 21.7x, SD3.5 Large 13.6x. Rounded up over the largest: 25.
+DIT_FULL_FACTOR = 25.0
+
+#: Checkpointing inside the diffusion model keeps every unit's inputs, and at backward the unit
+#: that runs again holds its own activations and gradients: for a DiT about this many blocks'
+#: inputs (counted as above: Flux.1 22, Qwen-Image 23, Flux.2 38, Z-Image 40, SD3.5 Large 30;
+#: rounded up: 45); for a UNet, whose units differ in size, this many times all units' inputs
+#: together (SDXL 2.6 at 1024 px, SD1.5 1.65 at 512 px; 3 on top of the inputs themselves).
+DIT_UNIT_BLOCKS = 45.0
+UNET_UNIT_SHARE = 3.0
+
+
+def checkpointed_forward_bytes(latent_shape: Sequence[int], dtype, usage_factor: float, dit_blocks: int,
+                               unit_inputs: int) -> int:
+    """What one diffusion forward keeps for backward with checkpointing inside the model: the
+    units' inputs (``unit_inputs``, counted by the node from the model's geometry) and, at
+    backward, the activations of the unit that runs again (:data:`DIT_UNIT_BLOCKS`,
+    :data:`UNET_UNIT_SHARE`)."""
+    if dit_blocks:
+        return int(unit_inputs * (1 + DIT_UNIT_BLOCKS / int(dit_blocks)))
+    return int(unit_inputs * (1 + UNET_UNIT_SHARE))
+
+
 def extract_estimate(latent_shape: Sequence[int], model_dtype, usage_factor: float, noise_draws: int,
-                     kv_numel: int, kv_dtype=None, dit_blocks: int = 0) -> Estimate:
-    """One Extract gradient evaluation: a forward with autograd on (images + prior images) x
-    noise draws latents (``latent_shape``: one latent per image, batch = images + prior images)
-    and the fp32 tensors of the trainable K/V weights."""
+                     kv_numel, kv_dtype=None, dit_blocks: int = 0, *, checkpoint: bool = False,
+                     unit_inputs: int = 0, casts: int = 0, host_accumulators: bool = False) -> Estimate:
+    """One Extract gradient evaluation on ``latent_shape[0] x noise_draws`` latents per forward
+    (the node passes one chunk, draws 1): the forward with autograd (all its activations, or with
+    ``checkpoint`` the units' inputs and one unit's), the weight casts backward keeps (``casts``:
+    0 when they are made again at backward), and the K/V scores: one fp32 accumulator element per
+    candidate weight (on the host with ``host_accumulators``) and three fp32 copies of the largest
+    K/V layer while it runs (``kv_numel``: a :class:`KVGeometry`, or a plain element count).
+    ``kv_dtype``: ignored (the scored layers keep no lifted copy of the weights; the argument
+    stays for the calls recorded in docs/figures/scale.json)."""
     b = int(latent_shape[0]) * int(noise_draws)
     shape = (b, *latent_shape[1:])
-    return Estimate((("diffusion forward with autograd", train_forward_bytes(shape, model_dtype, usage_factor, dit_blocks)),
-                     ("fp32 K/V weights, multipliers and gradients", kv_train_bytes(kv_numel, kv_dtype or model_dtype))))
+    kv = kv_numel if isinstance(kv_numel, KVGeometry) else KVGeometry(int(kv_numel), 0)
+    if checkpoint:
+        forward = ("diffusion forward, checkpointed", checkpointed_forward_bytes(
+            shape, model_dtype, usage_factor, dit_blocks, unit_inputs))
+    else:
+        forward = ("diffusion forward with autograd", train_forward_bytes(shape, model_dtype, usage_factor, dit_blocks,
+                                                                          unit_inputs))
+    parts = [forward]
+    if casts:
+        parts.append(("weight casts kept for backward", int(casts)))
+    parts.append(("K/V scores (fp32 accumulators on the device, one layer at a time)",
+                  (0 if host_accumulators else 4 * kv.candidates) + 3 * 4 * kv.largest))
+    return Estimate(tuple(parts))
