@@ -33,7 +33,8 @@ import comfy.samplers
 
 from ..kernels import memory as M
 from ..kernels import seed_search as K
-from ..kernels.autograd import activation_snapshots, differentiable_weights
+from ..kernels.autograd import activation_snapshots, checkpointed_modules, differentiable_weights
+from . import _memory as MEM
 from ._runtime import (Progress, check_interrupt, compute_dtype, fail, preview_image, frame_latents, gradients_through,
                        dit_blocks, interrupt_types, is_out_of_memory, latent_channels, load_for_compute, out_of_memory_guard, require_family,
                        train_usage_factor,
@@ -76,7 +77,7 @@ def fix_latent(model, latent: dict) -> dict:
     return out
 
 
-def run_inside_sampler(model, positive, negative, latent_samples, cfg, sigmas, noise, seed, body):
+def run_inside_sampler(model, positive, negative, latent_samples, cfg, sigmas, noise, seed, body, reserve=None):
     """Run ``body(denoise, to_x, sigmas)`` inside ComfyUI's own sampling machinery.
 
     ``comfy.sample.sample_custom`` loads the model, prepares the conditioning and builds the
@@ -104,11 +105,29 @@ def run_inside_sampler(model, positive, negative, latent_samples, cfg, sigmas, n
         holder["out"] = body(denoise, to_x, sig)
         return x
 
-    with torch.inference_mode(False):
+    with torch.inference_mode(False), _sampler_reserves(model, reserve):
         comfy.sample.sample_custom(
             model, noise.clone(), cfg, comfy.samplers.KSAMPLER(search_function), sigmas.clone(),
             positive, negative, latent_samples.clone(), disable_pbar=True, seed=seed)
     return holder["out"]
+
+
+@contextlib.contextmanager
+def _sampler_reserves(model, reserve):
+    """ComfyUI's sampler asks ``load_models_gpu`` for its own inference estimate
+    (``BaseModel.memory_required``); on a partially loaded model that call may load more weights
+    than the search's working memory leaves room for. With ``reserve`` (bytes) the sampler asks
+    for that instead while the block runs (an instance attribute over the method, removed on
+    exit)."""
+    base = getattr(model, "model", None)
+    if reserve is None or base is None:
+        yield
+        return
+    base.memory_required = lambda *a, **k: int(reserve)
+    try:
+        yield
+    finally:
+        del base.memory_required
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,53 +205,48 @@ CHECKPOINTED_BLOCKS = ("ResnetBlock", "AttnBlock", "Upsample")
 
 
 @contextlib.contextmanager
-def checkpointed_blocks(module, class_names=CHECKPOINTED_BLOCKS):
+def checkpointed_blocks(module, class_names=CHECKPOINTED_BLOCKS, recast=None, offload=None):
     """Gradient checkpointing block by block inside ``module`` for the duration of the ``with``.
 
     The semantic loss decodes the latent with gradients, and a VAE decoder's activations at full
     resolution are larger than the diffusion model's (an SD-size decoder at 768 px: about 14 GB
-    for one image). With each block's forward wrapped in ``torch.utils.checkpoint`` only the
-    blocks' inputs are kept; a block's insides are recomputed when its gradient is needed. The
-    wrappers are instance attributes over the class's own ``forward``, removed on exit: nothing
-    of the VAE changes (weights are untouched; the tests check them bit for bit)."""
-    import torch.utils.checkpoint as ckpt
-    wrapped = []
-    for m in module.modules():
-        if type(m).__name__ not in class_names or "forward" in vars(m):
-            continue
-        fwd = m.forward
-
-        def run(*a, _fwd=fwd, **k):
-            if torch.is_grad_enabled():
-                return ckpt.checkpoint(_fwd, *a, use_reentrant=False, **k)
-            return _fwd(*a, **k)
-        m.forward = run
-        wrapped.append(m)
-    try:
-        yield len(wrapped)
-    finally:
-        for m in wrapped:
-            del m.forward
+    for one image). With each block's forward checkpointed (``kernels.autograd.checkpointed``,
+    right for in-place code) only the blocks' inputs are kept; a block's insides are recomputed
+    when its gradient is needed. The wrappers are instance attributes over the class's own
+    ``forward``, removed on exit: nothing of the VAE changes (weights are untouched; the tests
+    check them bit for bit)."""
+    blocks = [m for m in module.modules() if type(m).__name__ in class_names]
+    with checkpointed_modules(blocks, recast=recast, offload=offload) as n:
+        yield n
 
 
 @contextlib.contextmanager
-def differentiable(model, vae, clip_vision=None):
+def differentiable(model, vae, clip_vision=None, levers=None):
     """Autograd through the diffusion model, the VAE and the CLIP vision model, zero-copy.
 
     The diffusion model goes through ``_runtime.gradients_through`` (no trainable weights: the
     noise is the leaf); the VAE and CLIP vision modules get the same aliasing. One activation
-    snapshot hook covers all three (ComfyUI's blocks update activations in place)."""
+    snapshot hook covers all three (ComfyUI's blocks update activations in place). The VAE
+    decoder is checkpointed block by block; ``levers`` (``nodes/_memory.py``) add checkpointing
+    inside the diffusion model, weight casts made again at backward and, with offloading, the
+    checkpointed inputs kept in system memory until backward."""
+    levers = levers or MEM.Levers()
     extra = [_vae_module(vae)] + ([clip_vision.model] if clip_vision is not None else [])
+    dm = model.model.diffusion_model
     with contextlib.ExitStack() as stack:
         stack.enter_context(gradients_through(model, snapshot_saved=False))
         for m in extra:
             stack.enter_context(differentiable_weights(m, snapshot_saved=False))
+        recast = stack.enter_context(MEM.recast_weights(dm, *extra)) if levers.recast else None
+        host = MEM.HOST if levers.offload else None
         decoder = getattr(extra[0], "decoder", None)
         if decoder is not None:
-            stack.enter_context(checkpointed_blocks(decoder))
-        mods = [model.model.diffusion_model] + extra
+            stack.enter_context(checkpointed_blocks(decoder, recast=recast, offload=host))
+        if levers.checkpoint:
+            stack.enter_context(MEM.checkpointed_units(dm, recast=recast, offload=host))
+        mods = [dm] + extra
         weights = [t for m in mods for t in list(m.parameters()) + list(m.buffers())]
-        stack.enter_context(activation_snapshots(weights))
+        stack.enter_context(activation_snapshots(weights, recast=recast))
         yield
 
 
@@ -494,7 +508,19 @@ def decode_bytes(vae, latent_shape) -> int:
         return 0
 
 
-def memory_estimate(model, vae, clip_vision, latent_samples, cfg, search_steps=None, semantic=True):
+def memory_plan(model, vae, clip_vision, latent_samples, cfg, search_steps, semantic, requested, node=SEARCH):
+    """The memory setting Seed Search runs with (``nodes/_memory.py``): the fastest whose estimate
+    fits what ComfyUI reports free next to the MODEL, VAE and CLIP vision weights, or the forced one."""
+    MEM.check_setting(node, requested)
+    others = [m for m in (vae, clip_vision) if m is not None]
+
+    def need(setting, _chunk):
+        return memory_estimate(model, vae, clip_vision, latent_samples, cfg, search_steps, semantic, setting)
+    return MEM.plan(model, requested, [0], need, 0, *others)
+
+
+def memory_estimate(model, vae, clip_vision, latent_samples, cfg, search_steps=None, semantic=True,
+                    setting="full"):
     """Bytes above the weights for one Seed Search iteration (``search_steps`` given) or one
     Seed Rank chunk of ``latent_samples`` (kernels/memory.py; docs/memory.md)."""
     base = model.model
@@ -510,8 +536,14 @@ def memory_estimate(model, vae, clip_vision, latent_samples, cfg, search_steps=N
     if search_steps is None:
         factor = float(getattr(base, "memory_usage_factor", 1.0) or 1.0)
         return M.seed_rank_estimate(shape, compute_dtype(base), factor, cfg, dec, vit, cv_dtype)
+    levers = MEM.Levers.of(setting)
+    step_shape = (M.call_batch(shape[0], cfg), *shape[1:])
     return M.seed_search_estimate(shape, compute_dtype(base), train_usage_factor(model), cfg, search_steps, dec,
-                                  vit, cv_dtype, dit_blocks(model), vit_cast_bytes=cast)
+                                  vit, cv_dtype, dit_blocks(model), vit_cast_bytes=cast,
+                                  checkpoint=levers.checkpoint,
+                                  unit_inputs=MEM.unit_input_bytes(model, step_shape, compute_dtype(base)),
+                                  casts=0 if levers.recast else MEM.cast_bytes(base),
+                                  offload=levers.offload, phases=True)
 
 
 def _prepare(node, model, vae, latent, references, references_2, references_3, clip_vision,
@@ -554,6 +586,7 @@ class SearchOutput(NamedTuple):
     loss_curve: torch.Tensor
     result: K.SearchResult
     info: str = ""
+    memory: dict | None = None           # the memory plan it ran with (nodes/_memory.py)
 
 
 def candidate_preview(model, vae, x0: torch.Tensor, in_search: bool = False) -> tuple:
@@ -617,12 +650,18 @@ def search_noise(model, vae, positive, negative, latent, references, seed, cfg, 
                  search_steps, learning_rate, lr_drop_after, norm_regulariser, norm_weight, semantic_steps,
                  semantic_weight, appearance_weight, appearance_target="mean", clip_vision=None,
                  references_2=None, references_3=None, unique_id=None, patience=3, **kwargs) -> SearchOutput:
-    """Seed Search. ``unique_id``: the graph node to report progress on; ``kwargs``: node inputs
-    this version of the search does not read (``memory``)."""
+    """Seed Search. ``unique_id``: the graph node to report progress on; ``memory``: the memory
+    setting (``nodes/_memory.py``; "auto" picks the fastest that fits)."""
+    requested = MEM.check_setting(SEARCH, kwargs.get("memory") or MEM.AUTO)
+    planned = {}
+
+    def need(lat):
+        planned["plan"] = memory_plan(model, vae, clip_vision, lat["samples"], cfg, search_steps,
+                                      semantic_weight > 0, requested)
+        return planned["plan"].estimate
     latent, objective = _prepare(SEARCH, model, vae, latent, references, references_2, references_3,
-                                 clip_vision, semantic_weight, appearance_weight, appearance_target,
-                                 need=lambda lat: memory_estimate(model, vae, clip_vision, lat["samples"], cfg,
-                                                                  search_steps, semantic_weight > 0))
+                                 clip_vision, semantic_weight, appearance_weight, appearance_target, need=need)
+    plan = planned["plan"]
     samples = latent["samples"]
     z0 = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
     sigmas = schedule(model, search_steps)
@@ -631,19 +670,21 @@ def search_noise(model, vae, positive, negative, latent, references, seed, cfg, 
                       search_steps)
 
     def body(denoise, to_x, sig):
-        with differentiable(model, vae, clip_vision):
+        with differentiable(model, vae, clip_vision, plan.levers):
             return K.optimise_noise(
                 z0, to_x, denoise, sig.float(), live.step_loss, iterations=iterations, lr=learning_rate,
                 lr_drop_after=lr_drop_after, norm_weight=norm_weight if norm_regulariser else 0.0,
                 patience=patience, on_iteration=live.on_iteration)
 
-    res = run_inside_sampler(model, positive, negative, samples, cfg, sigmas, z0, seed, body)
+    # streamed weights: the sampler's own load call must leave the search's working memory free
+    reserve = plan.estimate.total if plan.levers.offload else None
+    res = run_inside_sampler(model, positive, negative, samples, cfg, sigmas, z0, seed, body, reserve)
     live.finish(res)
     best = res.best_z.detach().cpu().float()
     best_it = int(res.best_iteration.float().mean().round()) if len(res.curve) else 0
     plot = loss_plot(res.curve, best_it)
-    return SearchOutput(OptimisedNoise(best, seed), {"samples": best}, plot, res,
-                        search_info(res, best_it, objective.embedding, iterations))
+    info = search_info(res, best_it, objective.embedding, iterations) + "\n" + plan.describe()
+    return SearchOutput(OptimisedNoise(best, seed), {"samples": best}, plot, res, info, plan.as_dict())
 
 
 def search_info(res, best_it: int, embedding: str, iterations: int) -> str:
