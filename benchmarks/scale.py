@@ -42,6 +42,7 @@ job itself; its figures mean nothing).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -58,7 +59,7 @@ from . import comfy_runtime as cr
 ROOT = Path(__file__).resolve().parent.parent
 RESULT = "SCALE-RESULT "
 
-SECTIONS = ("saliency-sd15", "saliency-flux", "seed-sd15", "seed-sd21", "seed-sdxl", "cn-sd15", "cn-flux")
+SECTIONS = ("saliency-sd15", "saliency-flux", "seed-sd15", "seed-sd21", "seed-sdxl", "cn-sd15", "cn-flux", "fit")
 
 # ---------------------------------------------------------------------------------------------
 # real geometry (the unet_configs ComfyUI's model detection produces for the released checkpoints)
@@ -137,6 +138,53 @@ class Peak:
     @property
     def extra(self) -> float:
         return self.peak - self.start
+
+
+class Counted:
+    """:class:`Peak`'s counterpart for a probe run in fake tensors (``--probe-opts '{"fake": true}'``):
+    the peak of live tensor bytes while the block runs, above what was live when it began (MB),
+    counted by ``benchmarks/fakemem.py``."""
+
+    def __init__(self, job):
+        self.job = job
+
+    def __enter__(self):
+        c = self.job.counter
+        self.start = c.live / 2 ** 20
+        c.reset_peak()
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.t0
+        self.peak = self.job.counter.peak / 2 ** 20
+
+    @property
+    def extra(self) -> float:
+        return self.peak - self.start
+
+
+@contextlib.contextmanager
+def counting(o: dict):
+    """The probe's models and work in fake tensors when ``o["fake"]`` (yields the fake job), else
+    as they are (yields None)."""
+    if not o.get("fake"):
+        yield None
+        return
+    from . import fakemem
+    ss = cr.pack_module("nodes.seed_search")
+    real = ss.preview_image
+    ss.preview_image = lambda images: None      # a JPEG of fake pixels cannot be made
+    try:
+        with fakemem.fake_job() as job:
+            yield job
+    finally:
+        ss.preview_image = real
+
+
+def meter(job):
+    """Peak RSS for a real run, the fake-tensor count for a fake one."""
+    return Counted(job) if job is not None else Peak()
 
 
 def init_(module: torch.nn.Module, seed: int = 0) -> None:
@@ -459,8 +507,14 @@ def _estimate(compute, kernel: str):
 
 
 def probe_seed(o: dict) -> dict:
-    """One Seed Search iteration: peak memory and time (o: kind, dtype, size, steps)."""
-    pack = cr.bootstrap(pytorch_attention=o["attention"] == "pytorch")
+    """One Seed Search iteration: peak memory and time (o: kind, dtype, size, steps; memory: the
+    node's memory setting; fake: count it in fake tensors instead of running it)."""
+    cr.bootstrap(pytorch_attention=o["attention"] == "pytorch")
+    with counting(o) as job:
+        return _probe_seed(o, job)
+
+
+def _probe_seed(o: dict, job) -> dict:
     kind, size, steps = o["kind"], o["size"], o["search_steps"]
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[o["dtype"]]
     # bf16/fp16 weights compute in fp32 through manual cast, which is what ComfyUI does on a
@@ -478,22 +532,26 @@ def probe_seed(o: dict) -> dict:
     args = dict(seed=1, cfg=5.0, iterations=1, search_steps=steps, learning_rate=0.1, lr_drop_after=10,
                 norm_regulariser=True, norm_weight=0.1, semantic_steps=1,
                 semantic_weight=1.0 if cv is not None else 0.0, appearance_weight=1.0, appearance_target="mean")
-    loaded = rss_mb()
+    if o.get("memory"):
+        args["memory"] = o["memory"]
+    loaded = rss_mb() if job is None else job.counter.live / 2 ** 20
     phases = _PhaseClock({"diffusion forward without gradients": (model.model.diffusion_model, False),
                           "diffusion forward with gradients (recompute)": (model.model.diffusion_model, True),
                           "VAE decode forward": (vae.first_stage_model.decoder, None),
                           "CLIP vision forward": (cv.model if cv is not None else None, None)})
     est, est_args = _estimate(lambda: cr.pack_module("nodes.seed_search").memory_estimate(
         model, vae, cv, lat["samples"], args["cfg"], steps), "seed_search_estimate")
-    with Peak() as p, phases:
+    with meter(job) as p, phases:
         with torch.inference_mode():
-            cr.pack_module("nodes.seed_search").search_noise(model, vae, pos, neg, lat, refs, clip_vision=cv, **args)
+            out = cr.pack_module("nodes.seed_search").search_noise(model, vae, pos, neg, lat, refs, clip_vision=cv,
+                                                                  **args)
     res = {"peak_gb": round(p.peak / 1024, 2), "peak_above_loaded_gb": round(p.extra / 1024, 2),
            "loaded_gb": round(loaded / 1024, 2), "seconds_per_iteration": round(p.seconds, 1),
            "estimate_gb": round(est.total / 2 ** 30, 2),
            "estimate_parts_gb": {k: round(v / 2 ** 30, 2) for k, v in est.as_dict().items()},
            "estimate_args": est_args,
            "unet_params": sum(t.numel() for t in model.model.diffusion_model.parameters()),
+           "memory": out.memory, "how": "counted (fake tensors)" if job is not None else "measured (RSS)",
            "setting": f"{kind} {o['dtype']}{' weights, fp32 compute (manual cast)' if compute else ''} {size} px, Seed Search 1 iteration of {steps} search steps, CFG 5 "
                       f"(batch 2 per model call), semantic loss {_semantic_setting(cv, cv_config)}, appearance loss on"}
     if cv is not None:
@@ -501,7 +559,7 @@ def probe_seed(o: dict) -> dict:
         if kind == "sdxl":      # the other SDXL encoder, for the arithmetic (not built)
             other = "clip_vision_config_h.json" if cv_config.endswith("_g.json") else "clip_vision_config_g.json"
             res["clip_vision_other"] = _vit_figures(other, None, cv.dtype, o["quick"])
-    if o.get("time_step"):
+    if o.get("time_step") and job is None:
         # one plain sampling step of the same model (KSampler, 1 step, same CFG and latent)
         _ksampler(model, pos, neg, lat, 1)
         with Peak() as q:
@@ -589,8 +647,14 @@ class _PhaseClock:
 
 
 def probe_cn(o: dict) -> dict:
-    """One extraction gradient evaluation vs one dense K/V fine-tune step (same batch)."""
+    """One extraction gradient evaluation vs one dense K/V fine-tune step (same batch; memory: the
+    node's memory setting; fake: count it in fake tensors instead of running it)."""
     pack = cr.bootstrap(pytorch_attention=o["attention"] == "pytorch")
+    with counting(o) as job:
+        return _probe_cn(o, job, pack)
+
+
+def _probe_cn(o: dict, job, pack) -> dict:
     import importlib
 
     cn = importlib.import_module(f"{pack.__name__}.nodes.concept_neurons")
@@ -609,16 +673,19 @@ def probe_cn(o: dict) -> dict:
                                   noise_draws=o["batch"])
     layers = cn.model_layers(model)
     rt.load_for_compute(model)
-    est, est_args = _estimate(lambda: cn.memory_estimate(model, lat, lat[:0], settings, layers), "extract_estimate")
-    loss = cn.ConceptLoss(model, lat, lat[:0], cond, pooled, settings, layers)
+    setting = o.get("memory") or "full"
+    plan = cn.memory_plan(model, lat, 0, settings, layers, setting)
+    est, est_args = _estimate(lambda: cn.memory_estimate(model, lat, 0, settings, layers, setting, plan.chunk),
+                              "extract_estimate")
+    loss = cn.ConceptLoss(model, lat, lat[:0], cond, pooled, settings, layers, plan)
     mode = o["mode"]
     with torch.inference_mode(False):
         leaves = {n: (torch.ones if mode == "extract" else torch.zeros)(layers[n]["shape"]) for n in layers}
-    with Peak() as p:
+    with meter(job) as p:
         if mode == "extract":      # one gradient evaluation of the search: d loss / d multipliers
             loss(leaves)
         else:                      # one dense K/V fine-tune step: d loss / d deltas, then Adam
-            _, grads = loss.gradient(leaves, lambda theta, d: theta + d)
+            _, grads = loss.gradient(leaves, "add")
             with torch.inference_mode(False):
                 deltas = {n: v.clone().requires_grad_(True) for n, v in leaves.items()}
                 opt = torch.optim.Adam(list(deltas.values()), lr=1e-3)
@@ -633,11 +700,28 @@ def probe_cn(o: dict) -> dict:
             "estimate_args": est_args,
             "kv_weights": int(sum(math.prod(v["shape"]) * (2 / 3 if v["kind"] == "qkv" else 1)
                                   for v in layers.values())),
+            "memory": plan.as_dict(), "how": "counted (fake tensors)" if job is not None else "measured (RSS)",
             "setting": f"{o['kind']} fp32 {size} px, batch {o['batch']} (noise draws), {mode}"}
 
 
+def probe_fit(o: dict) -> dict:
+    from . import fit
+    cr.bootstrap(pytorch_attention=True)
+    return fit.probe(o)
+
+
+def probe_fit_time(o: dict) -> dict:
+    from . import fit
+    return fit.probe_time(o)
+
+
+def probe_fit_parts(o: dict) -> dict:
+    from . import fit
+    return fit.probe_parts(o)
+
+
 PROBES = {"saliency-sd15": probe_saliency_sd15, "saliency-flux": probe_saliency_flux, "seed": probe_seed,
-          "cn": probe_cn}
+          "cn": probe_cn, "fit": probe_fit, "fit-time": probe_fit_time, "fit-parts": probe_fit_parts}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -744,6 +828,9 @@ def run(args) -> dict:
         if "peak_gb" in ex:
             fig.update(flux_project(ex, size))
         out["concept_neurons.flux"] = fig
+    if "fit" in chosen:
+        from . import fit
+        fit.run_section(args, spawn, out)
     out["seconds"] = round(time.time() - t0, 1)
     return out
 
@@ -784,7 +871,7 @@ def flux_project(ex: dict, size: int, text_tokens: int = 77) -> dict:
     T5 padding stay); plus the fp32 K/V tensors per block (the node's own estimate of them on
     the slice) times 57, plus the weights."""
     gib = 2 ** 30
-    kv_slice = ex["estimate_parts_mb"]["fp32 K/V weights, multipliers and gradients"] * 2 ** 20
+    kv_slice = sum(v for k, v in ex["estimate_parts_mb"].items() if "K/V" in k) * 2 ** 20
     act_slice = ex["peak_above_loaded_mb"] * 2 ** 20 - kv_slice
     blocks = 19 + 38
     img, img_full = (size // 16) ** 2, (1024 // 16) ** 2

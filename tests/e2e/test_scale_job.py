@@ -56,3 +56,12 @@ def test_scale_job_writes_every_figure(lab, tmp_path):
     assert len(set(rec.values())) == 1, rec                  # the recording does not grow with steps
     assert data["seed_search.sdxl_1024"]["how"] == "extrapolated"
     assert data["concept_neurons.flux"]["how"] == "extrapolated"
+    # the fit section (issue 23), quick: the SD1.5 targets counted in fake tensors, the node's plan
+    # on each card, the time ratio and the counter against the process's memory
+    for key in ("fit.seed_search.sd15_512_fp16", "fit.concept_neurons.sd15_512_fp16"):
+        fit = data[key]
+        assert fit["peak_gb"] > fit["weights_gib"] > 0 and fit["node"]["setting"], fit
+    assert data["fit.seed_search.sd15.time_ratio_checkpointed"] > 0
+    assert data["fit.counter_vs_rss"]["cases"] and data["fit.counter_vs_heap"]["cases"]
+    cards = data["fit.cards"]
+    assert {c["runs"] for node in cards.values() for model in node.values() for c in model.values()} <= {True, False}
