@@ -108,6 +108,32 @@ def _grown(group: str, names: list, opts: dict) -> list[tuple[str, dict]]:
     return [(key, dict(opts, display_name=n)) for n in names for key in (n, f"{group}_{n}")]
 
 
+DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"
+
+
+def _carried(combo: str, spec: tuple) -> list[tuple[str, dict]]:
+    """The inputs that a DynamicCombo's options carry (ComfyUI 0.33), once each, in order:
+    ``[(name, opts)]``."""
+    out, seen = [], set()
+    for option in (spec[1] if len(spec) > 1 else {}).get("options", []):
+        for section in ("required", "optional"):
+            for name, s in (option.get("inputs", {}).get(section) or {}).items():
+                if name not in seen:
+                    seen.add(name)
+                    out.append((name, s[1] if len(s) > 1 and isinstance(s[1], dict) else {}))
+    return out
+
+
+def _chosen(combo: str, name: str, opts: dict) -> list[tuple[str, dict]]:
+    """The entries of an input that a combo's options carry (``io.DynamicCombo``, ComfyUI 0.33;
+    a flat input of the same name on 0.3.75, marked with ``dynamic_combo``): under its own name
+    (the widget on 0.3.75, and the value that workflows saved before send) and under
+    ``<combo>_<name>`` (the key the front end reads for the widget ``<combo>.<name>``). The same
+    entries on both versions."""
+    opts = {k: v for k, v in opts.items() if k not in ("dynamic_combo", "dynamic_options")}
+    return [(key, dict(opts, display_name=opts.get("display_name") or name)) for key in (name, f"{combo}_{name}")]
+
+
 def _inputs(info: dict) -> list[tuple[str, dict]]:
     spec = info.get("input", {})
     order = info.get("input_order") or {}
@@ -132,6 +158,12 @@ def _inputs(info: dict) -> list[tuple[str, dict]]:
             group = opts["autogrow_group"]
             if fixed.get(group, [None])[0] == name:   # the whole group, where its first input is
                 out += _grown(group, fixed[group], {k: v for k, v in opts.items() if k != "autogrow_group"})
+        elif s and s[0] == DYNAMIC_COMBO:        # 0.33: the combo, then the inputs its options carry
+            out.append((name, {k: v for k, v in opts.items() if k != "options"}))
+            for carried, carried_opts in _carried(name, s):
+                out += _chosen(name, carried, carried_opts)
+        elif opts.get("dynamic_combo"):          # 0.3.75: an input a combo's options use, flat
+            out += _chosen(opts["dynamic_combo"], name, opts)
         else:
             out.append((name, opts))
     return out
@@ -140,7 +172,10 @@ def _inputs(info: dict) -> list[tuple[str, dict]]:
 def other_form(info: dict) -> set:
     """The input entries of a node that the running ComfyUI shows under another name: on a ComfyUI
     with Autogrow the inputs' own names (only workflows saved before carry such sockets), without
-    it the ``<group>_<name>`` keys (there is no Autogrow socket)."""
+    it the ``<group>_<name>`` keys (there is no Autogrow socket). Likewise for the inputs that a
+    DynamicCombo's options carry: on 0.33 the flat name is no widget (only a saved workflow's
+    value) and ``<combo>_<name>`` is the widget ``<combo>.<name>`` (:func:`dynamic_widgets`, which
+    the front end adds under the chosen option); on 0.3.75 ``<combo>_<name>`` is nothing."""
     names = {n for n, _ in _inputs(info)}
     spec = info.get("input", {})
     present = {n for section in ("required", "optional") for n, s in spec.get(section, {}).items()
@@ -149,6 +184,17 @@ def other_form(info: dict) -> set:
                                      for g, s in spec.get(section, {}).items() if s and s[0] == AUTOGROW)
              for n in (s[1].get("template", {}).get("names") or [])}
     return names - present - grown
+
+
+def dynamic_widgets(info: dict) -> dict:
+    """``{locale entry: widget name}`` of the inputs that a DynamicCombo's options carry (ComfyUI
+    0.33): ``threshold_mode_threshold`` -> ``threshold_mode.threshold``. Empty on 0.3.75."""
+    out = {}
+    for section in ("required", "optional"):
+        for name, s in info.get("input", {}).get(section, {}).items():
+            if s and s[0] == DYNAMIC_COMBO:
+                out.update({f"{name}_{n}": f"{name}.{n}" for n, _ in _carried(name, s)})
+    return out
 
 
 def english(object_info: dict, setting: dict | None = None) -> dict:

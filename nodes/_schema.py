@@ -10,6 +10,9 @@ use beyond what both have is detected here, once:
   ``Schema`` has no such field and its server sends none (:func:`schema` drops them there).
 - ``advanced=True`` on an input (0.33): shown under the node's advanced inputs. 0.3.75 has no
   such flag (:data:`ADVANCED` is empty there).
+- ``io.DynamicCombo`` (0.33): a combo whose options carry their own inputs, shown only while that
+  option is chosen (:func:`choice_inputs`). 0.3.75 has none; there the combo and the carried
+  inputs are flat inputs, as before.
 
 Workflows saved before the nodes moved to V3 keep their input names: on a ComfyUI with Autogrow
 the numbered inputs of an old workflow (``references_2``, ``concept_3``, ...) reach ``execute``
@@ -17,6 +20,7 @@ under their old names, as ComfyUI passes every linked input; :func:`numbered_val
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 
@@ -24,6 +28,9 @@ from comfy_api.v0_0_2 import ComfyExtension, io  # noqa: F401  (re-exported for 
 
 HAS_AUTOGROW = hasattr(io, "Autogrow")
 HAS_SEARCH_ALIASES = "search_aliases" in {f.name for f in dataclasses.fields(io.Schema)}
+#: ``io.DynamicCombo``, with ``accept_all_inputs`` on the schema, which lets a prompt of the old
+#: flat form (``threshold_mode`` and ``threshold`` side by side) still reach ``execute``.
+HAS_DYNAMIC_COMBO = hasattr(io, "DynamicCombo") and "accept_all_inputs" in {f.name for f in dataclasses.fields(io.Schema)}
 ADVANCED = {"advanced": True} if "advanced" in inspect.signature(io.Combo.Input.__init__).parameters else {}
 
 
@@ -75,6 +82,59 @@ def numbered_inputs(group: str, names, make) -> list:
     for inp in fixed:       # which group they stand for (benchmarks/locales.py: one set of texts for both)
         inp.extra_dict = dict(inp.extra_dict or {}, autogrow_group=group)
     return fixed
+
+
+def choice_inputs(id: str, options, default: str, tooltip: str, carried: list, used_by) -> list:
+    """A combo ``id`` whose options ``used_by`` use the inputs ``carried`` (e.g. ``threshold_mode``:
+    only 'fixed' and 'argmax' use ``threshold``).
+
+    Where ComfyUI has ``io.DynamicCombo`` (0.33): one DynamicCombo; the carried inputs appear under
+    the options that use them (the front end shows them while one of those is chosen and names them
+    ``<id>.<name>``), optional, so that a prompt of the old flat form still validates. The front end
+    makes a DynamicCombo's first option its default, so ``default`` comes first. The node's schema
+    needs ``**ACCEPT_OLD_NAMES`` (the flat ``<name>`` of saved workflows) and its ``execute`` reads
+    the values with :func:`chosen`. Without DynamicCombo (0.3.75): the combo and the carried inputs,
+    flat, as before (marked ``dynamic_combo``: benchmarks/locales.py gives both forms one set of
+    texts)."""
+    options, used_by = list(options), list(used_by)
+    if HAS_DYNAMIC_COMBO:
+        def nested():
+            out = []
+            for inp in carried:
+                inp = copy.copy(inp)
+                inp.optional = True
+                out.append(inp)
+            return out
+        order = [default] + [o for o in options if o != default]
+        return [io.DynamicCombo.Input(
+            id, options=[io.DynamicCombo.Option(o, nested() if o in used_by else []) for o in order],
+            tooltip=tooltip, extra_dict={"default": default})]
+    flat = [combo(id, options, default=default, tooltip=tooltip)]
+    for inp in carried:
+        inp.extra_dict = dict(inp.extra_dict or {}, dynamic_combo=id, dynamic_options=used_by)
+        flat.append(inp)
+    return flat
+
+
+#: Schema fields for a node with :func:`choice_inputs` (0.33: every input of the prompt reaches
+#: ``execute``, the old flat names of saved workflows too).
+ACCEPT_OLD_NAMES = {"accept_all_inputs": True} if HAS_DYNAMIC_COMBO else {}
+
+
+def chosen(value, id: str, **flat) -> tuple:
+    """``(option, {carried input: value})`` of a :func:`choice_inputs` combo: from the DynamicCombo's
+    dict (``{id: option, name: value}``, ComfyUI 0.33) or the plain option (0.3.75), with the
+    carried inputs sent flat (0.3.75, and prompts saved before, on any version) where the dict has
+    none."""
+    if isinstance(value, dict):
+        option = value.get(id)
+        carried = {k: v for k, v in value.items() if k != id and v is not None}
+    else:
+        option, carried = value, {}
+    for k, v in flat.items():
+        if v is not None:
+            carried.setdefault(k, v)
+    return option, carried
 
 
 def numbered_values(grown, names, **by_name) -> dict:

@@ -36,7 +36,7 @@ import comfy.ldm.modules.attention as comfy_attention
 from ..kernels import saliency as K
 from ._runtime import UNET_FAMILIES, clone_model, fail, family_label, model_family, require_family
 from .architectures import dit_scale, dit_stream
-from ._schema import combo, io, schema
+from ._schema import ACCEPT_OLD_NAMES, choice_inputs, chosen, combo, io, schema
 
 log = logging.getLogger("ConceptLab")
 
@@ -722,17 +722,35 @@ def _save_temp_png(array: np.ndarray, prefix: str) -> dict:
     return {"filename": name, "subfolder": "conceptlab", "type": "temp"}
 
 
+_THRESHOLD_MODE_TOOLTIP = (
+    "How maps become masks. mean: above the map's own mean (the ConceptAttention "
+    "protocol); otsu: Otsu's threshold; fixed: above 'threshold'; argmax: the "
+    "pixel goes to the strongest concept, if that map is above 'threshold'.")
+#: The threshold modes that use 'threshold'.
+THRESHOLD_USED_BY = ("fixed", "argmax")
+
+
+def _threshold_input() -> io.Float.Input:
+    return io.Float.Input("threshold", default=0.5, min=0.0, max=1.0, step=0.01,
+                          tooltip="Used by 'fixed' and 'argmax'. Maps are 0..1 (raw maps "
+                                  "normalised; with refine = crf, each concept's "
+                                  "probability). DAAM's paper used 0.4 on raw maps.")
+
+
 def _threshold_inputs() -> list:
+    """'threshold_mode' and 'threshold', side by side (Saliency Maps: its viewer reads both)."""
     return [
-        combo("threshold_mode", list(K.THRESHOLD_MODES), default="fixed",
-                       tooltip="How maps become masks. mean: above the map's own mean (the ConceptAttention "
-                               "protocol); otsu: Otsu's threshold; fixed: above 'threshold'; argmax: the "
-                               "pixel goes to the strongest concept, if that map is above 'threshold'."),
-        io.Float.Input("threshold", default=0.5, min=0.0, max=1.0, step=0.01,
-                       tooltip="Used by 'fixed' and 'argmax'. Maps are 0..1 (raw maps "
-                               "normalised; with refine = crf, each concept's "
-                               "probability). DAAM's paper used 0.4 on raw maps."),
+        combo("threshold_mode", list(K.THRESHOLD_MODES), default="fixed", tooltip=_THRESHOLD_MODE_TOOLTIP),
+        _threshold_input(),
     ]
+
+
+def _threshold_choice_inputs() -> list:
+    """'threshold_mode' with 'threshold' under the modes that use it (Mask From Concept): one
+    io.DynamicCombo where ComfyUI has it (0.33; the widget 'threshold_mode.threshold' shows only
+    for fixed and argmax), else the same two flat inputs as Saliency Maps (nodes/_schema.py)."""
+    return choice_inputs("threshold_mode", K.THRESHOLD_MODES, "fixed", _THRESHOLD_MODE_TOOLTIP,
+                         [_threshold_input()], THRESHOLD_USED_BY)
 
 
 _REFINE_TOOLTIP = (
@@ -844,7 +862,7 @@ class ConceptLabMaskFromConcept(io.ComfyNode):
             inputs=[
                 io.Custom("SALIENCY").Input("saliency", tooltip="From 'ConceptLab Saliency Maps'."),
                 io.String.Input("concept", default="", tooltip="One of the recorded words."),
-                *_threshold_inputs(),
+                *_threshold_choice_inputs(),
                 io.Int.Input("grow", default=0, min=0, max=64,
                              tooltip="Dilate the mask by this many pixels (for inpainting)."),
                 combo("refine", ["as saliency maps"] + list(K.REFINE_METHODS),
@@ -854,10 +872,21 @@ class ConceptLabMaskFromConcept(io.ComfyNode):
                                        + _REFINE_TOOLTIP),
             ],
             outputs=[io.Mask.Output(display_name="mask",
-                                    tooltip="1 where the concept is, 0 elsewhere (batch = images).")])
+                                    tooltip="1 where the concept is, 0 elsewhere (batch = images).")],
+            **ACCEPT_OLD_NAMES)
 
     @classmethod
-    def execute(cls, saliency, concept, threshold_mode, threshold, grow, refine="as saliency maps"):
+    def execute(cls, saliency, concept, threshold_mode, grow, refine="as saliency maps", threshold=None,
+                **_other):
+        # threshold_mode: {"threshold_mode": mode, "threshold": value} (io.DynamicCombo, ComfyUI
+        # 0.33) or the mode, with 'threshold' flat (0.3.75, and prompts saved before on any version)
+        threshold_mode, carried = chosen(threshold_mode, "threshold_mode", threshold=threshold)
+        if threshold_mode not in K.THRESHOLD_MODES:
+            raise fail(MASK_NODE, f"Unknown threshold_mode {threshold_mode!r}.",
+                       f"Use one of: {', '.join(K.THRESHOLD_MODES)}.")
+        threshold = carried.get("threshold", 0.5)
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
+            raise fail(MASK_NODE, f"threshold is {threshold!r}.", "Use a number from 0 to 1.")
         if not isinstance(saliency, Saliency):
             raise fail(MASK_NODE, f"'saliency' is a {type(saliency).__name__}.",
                        "Connect the 'saliency' output of ConceptLab Saliency Maps.")
