@@ -461,13 +461,17 @@ def _card(card_gb, job):
         budget = total - (c.live - weights_live()) - int(memory_required) - int(mm.extra_reserved_memory())
         over = fakemem.module_bytes(*job.loaded) - budget
         diffusion = next((m for m in models if hasattr(getattr(m, "model", None), "diffusion_model")), None)
-        streamed = []
-        if over > 0 and diffusion is not None:
-            diffusion.partially_unload(diffusion.offload_device, int(over))
-            streamed = [t for mod in diffusion.model.modules()
-                        if getattr(mod, "comfy_patched_weights", True) is False
-                        for t in list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False))]
+        if diffusion is not None:   # loaded again: what it streams is decided anew
+            job.streamed = []
+            if over > 0:
+                diffusion.partially_unload(diffusion.offload_device, int(over))
+                job.streamed = [t for mod in diffusion.model.modules()
+                                if getattr(mod, "comfy_patched_weights", True) is False
+                                for t in list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False))]
+        streamed = list(getattr(job, "streamed", []))
         # on the device from now on: what is loaded, but the weights streamed at each forward
+        # (a model loaded earlier stays as it was: loading the VAE leaves the diffusion model's
+        # streamed weights in system memory)
         gone = {t.untyped_storage()._cdata for t in streamed}
         c.include([t for t in tensors if t.untyped_storage()._cdata not in gone])
         c.exclude(streamed)
