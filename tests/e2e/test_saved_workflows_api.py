@@ -11,7 +11,11 @@ real server of the running ComfyUI (0.3.75 or 0.33):
 - inputs that grow on 0.33 (``io.Autogrow``: Seed Search / Seed Rank ``references_2``,
   ``references_3``, Combine ``concept_3``, ``concept_4``) still take a saved workflow's inputs of
   those names, in the UI and the API format, and the node reads them (counted, not just accepted);
-- on 0.33, a prompt the current front end makes (``more_references.references_2``) runs too.
+- on 0.33, a prompt the current front end makes (``more_references.references_2``) runs too;
+- Mask From Concept's ``threshold``, carried by ``threshold_mode``'s fixed and argmax options on 0.33
+  (``io.DynamicCombo``): the UI files convert to ``threshold_mode.threshold`` there, as the front end
+  sends it, and the saved API prompts with the flat ``threshold`` run (tests/integration/
+  test_dynamic_combo.py: both give the same mask).
 """
 import copy
 import json
@@ -64,9 +68,28 @@ def _ranking(server, prompt: dict, rank: str) -> str:
     return _run(server, prompt)["outputs"]["preview"]["text"][0]
 
 
+def _as_the_front_end_sends(prompt: dict, object_info: dict) -> dict:
+    """``prompt`` (a saved API prompt) as this ComfyUI's front end queues the same UI workflow: on
+    0.33 the inputs that a DynamicCombo's chosen option carries are named ``<combo>.<name>``
+    (Mask From Concept's ``threshold`` is ``threshold_mode.threshold`` under fixed and argmax)."""
+    prompt = copy.deepcopy(prompt)
+    for node in prompt.values():
+        spec = object_info[node["class_type"]]["input"]
+        for section in ("required", "optional"):
+            for combo, s in spec.get(section, {}).items():
+                if s[0] != "COMFY_DYNAMICCOMBO_V3" or combo not in node["inputs"]:
+                    continue
+                for option in s[1]["options"]:
+                    if option["key"] == node["inputs"][combo]:
+                        for n in (n for d in option["inputs"].values() for n in d):
+                            if n in node["inputs"]:
+                                node["inputs"][f"{combo}.{n}"] = node["inputs"].pop(n)
+    return prompt
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_saved_ui_workflow_converts_to_the_saved_prompt(object_info, name):
-    assert cr.ui_to_api(_ui(name), object_info) == _api(name)
+    assert cr.ui_to_api(_ui(name), object_info) == _as_the_front_end_sends(_api(name), object_info)
 
 
 @pytest.mark.parametrize("name", [n for n in NAMES if n not in NEEDS_MODEL_FILES])
