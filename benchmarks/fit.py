@@ -795,3 +795,30 @@ def card_table(data: dict) -> str:
             rows.append(f"| {names[node]} | {spec.label}, {spec.px} px ({by_card.get('12 GB', {}).get('weights', '')}) "
                         f"| " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def targets_table(data: dict) -> str:
+    """docs/fit.md's table of the issue's targets, from the fit section's JSON."""
+    rows = ["| key | model, size, weights | target | counted peak (margin in) | weights on the card | "
+            "setting the node chose | within |", "|---|---|---|---|---|---|---|"]
+    for key, node, model, weights, card in TARGETS:
+        r = data.get(key)
+        if not r:
+            rows.append(f"| `{key}.peak_gb` | | ≤ {card} | not measured | | | no |")
+            continue
+        n = r.get("node", {})
+        how = n.get("setting", "") + (f", {n['chunk']} latents a forward" if n.get("chunk") else "")
+        streamed = f" (+{r['host_weights_gib']:.1f} GB streamed)" if r.get("host_weights_gib") else ""
+        rows.append(f"| `{key}.peak_gb` | {r['model']}, {r['px']} px, {weights} | ≤ {card} | {r['peak_gb']:.2f} | "
+                    f"{r['weights_gib']:.2f}{streamed} | {how} | {'yes' if r['peak_gb'] <= card else '**no**'} |")
+    for name, what in (("seed_search", "a Seed Search iteration"), ("concept_neurons", "an Extract step")):
+        ratio = data.get(f"fit.{name}.sd15.time_ratio_checkpointed")
+        if ratio is not None:
+            rows.append(f"| `fit.{name}.sd15.time_ratio_checkpointed` | SD1.5, {what}: time with checkpoint / "
+                        f"full | ≤ 1.4 | {ratio:.2f} | | | {'yes' if ratio <= 1.4 else '**no**'} |")
+    rss = data.get("fit.counter_vs_rss")
+    if rss:
+        ok = 0.8 <= rss["min"] and rss["max"] <= 1.25
+        rows.append(f"| `fit.counter_vs_rss` | fake count / measured RSS, fp32 | 0.8–1.25 | "
+                    f"{rss['min']:.2f}–{rss['max']:.2f} | | | {'yes' if ok else '**no**'} |")
+    return "\n".join(rows)
