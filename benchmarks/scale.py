@@ -492,7 +492,7 @@ def _estimate(compute, kernel: str):
 
     def plain(v):
         if dataclasses.is_dataclass(v):
-            return {"VitShape": dataclasses.asdict(v)}
+            return {type(v).__name__: dataclasses.asdict(v)}     # VitShape, KVGeometry
         if isinstance(v, (list, tuple)):
             return [plain(x) for x in v]
         return v if isinstance(v, (int, float, str, type(None))) else str(v).replace("torch.", "")
