@@ -328,8 +328,21 @@ def _ordered_inputs(info: dict) -> list[tuple[str, tuple]]:
     return out
 
 
+DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"
+
+
 def _is_widget(spec: tuple) -> bool:
-    return bool(spec) and (isinstance(spec[0], list) or spec[0] in _WIDGET_TYPES)
+    return bool(spec) and (isinstance(spec[0], list) or spec[0] in _WIDGET_TYPES or spec[0] == DYNAMIC_COMBO)
+
+
+def _chosen_option_inputs(name: str, spec: tuple, value) -> list[tuple[str, tuple]]:
+    """The inputs that option ``value`` of the DynamicCombo ``name`` carries (ComfyUI 0.33), as the
+    front end adds them right after the combo: ``[("<name>.<input>", spec), ...]``."""
+    for option in (spec[1] if len(spec) > 1 else {}).get("options", []):
+        if option.get("key") == value:
+            return [(f"{name}.{n}", tuple(s)) for section in ("required", "optional")
+                    for n, s in (option.get("inputs", {}).get(section) or {}).items()]
+    return []
 
 
 def combo_options(spec) -> list:
@@ -374,7 +387,9 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
             values = []
         converted = {i.get("name") for i in node.get("inputs", []) or [] if i.get("widget")}
         inputs = {}
-        for name, spec in _ordered_inputs(object_info[ntype]):
+        todo = _ordered_inputs(object_info[ntype])
+        while todo:
+            name, spec = todo.pop(0)
             if name in linked:
                 inputs[name] = linked[name]
                 # a widget converted to an input still holds its slot(s) in widgets_values
@@ -383,6 +398,8 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
                 continue
             if _is_widget(spec) and values:
                 inputs[name] = _take_widget_value(values, name, spec)
+                if spec[0] == DYNAMIC_COMBO:    # the chosen option's inputs follow it, as '<combo>.<name>'
+                    todo[:0] = _chosen_option_inputs(name, spec, inputs[name])
         for name, link in linked.items():       # inputs the definition does not list
             inputs.setdefault(name, link)
         prompt[str(node["id"])] = {"class_type": ntype, "inputs": inputs}
