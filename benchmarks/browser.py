@@ -28,6 +28,7 @@ import json
 import os
 import re
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -348,6 +349,23 @@ def add_from_search_box(page, text: str, at: tuple = (700, 450)) -> int:
     page.mouse.click(*at)
     page.wait_for_timeout(500)
     return page.evaluate(count) - before
+
+
+def queue_and_wait(page, server, timeout: float = 300) -> dict | None:
+    """Queue the page's workflow as the Queue button does (``app.queuePrompt``) and wait for the
+    server to finish it: its ``/history`` entry (``entry["prompt"][2]`` is the prompt the page
+    posted to /prompt), or None when nothing finished within ``timeout`` seconds."""
+    before = set(server.get("/history") or {})
+    page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        fresh = {k: v for k, v in (server.get("/history") or {}).items() if k not in before}
+        entry = next((e for e in fresh.values() if e.get("status", {}).get("completed")
+                      or e.get("status", {}).get("status_str") == "error"), None)
+        if entry is not None:
+            return entry
+        time.sleep(0.5)
+    return None
 
 
 def renderer(page) -> dict:

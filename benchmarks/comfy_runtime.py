@@ -345,6 +345,54 @@ def _chosen_option_inputs(name: str, spec: tuple, value) -> list[tuple[str, tupl
     return []
 
 
+def _fits(value, spec: tuple) -> bool:
+    """Whether a saved widget value is of the type of input ``spec`` (unknown types: yes)."""
+    if not spec:
+        return True
+    if isinstance(spec[0], (list, tuple)) or spec[0] == "COMBO":
+        return value in combo_options(spec)
+    if spec[0] == DYNAMIC_COMBO:
+        return value in [o.get("key") for o in (spec[1] if len(spec) > 1 else {}).get("options", [])]
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return {"INT": number and float(value).is_integer(), "FLOAT": number, "STRING": isinstance(value, str),
+            "BOOLEAN": isinstance(value, bool)}.get(spec[0], True)
+
+
+def _carried_inputs(spec: tuple) -> list[tuple[str, tuple]]:
+    """Every input that some option of a DynamicCombo carries, once, in order: the flat widgets
+    that stood after the combo before it was one."""
+    out = {}
+    for option in (spec[1] if len(spec) > 1 else {}).get("options", []):
+        for section in ("required", "optional"):
+            for n, s in (option.get("inputs", {}).get(section) or {}).items():
+                out.setdefault(n, tuple(s))
+    return list(out.items())
+
+
+def _from_flat_layout(values: list, spec: tuple, chosen: list, rest: list) -> list:
+    """``values`` (those after a DynamicCombo of a Concept Lab node in ``widgets_values``) as the
+    pack's front-end extension reads them (web/js/dynamic_combo_migration.js): a workflow saved
+    before the combo was one holds a value for every input any option carries (Mask From Concept:
+    ``[concept, "mean", threshold, grow, refine]``); the values of those the chosen option
+    (``chosen``) does not carry are dropped. ``rest``: the specs of the widgets after the combo.
+    In the old layout when it has its length and not the new one's, or when only its reading
+    gives every widget a value of its type."""
+    flat = _carried_inputs(spec)
+    names = [n.split(".", 1)[1] for n, _ in chosen]
+    if len(names) == len(flat):
+        return values
+
+    def fit(specs):
+        return all(_fits(v, s) for v, s in zip(values, specs))
+    old_len, new_len = len(flat) + len(rest), len(names) + len(rest)
+    old = (len(values) == old_len != new_len) or (fit([s for _, s in flat] + rest)
+                                                  and not fit([s for _, s in chosen] + rest))
+    if not old:
+        return values
+    by_name = dict(zip([n for n, _ in flat], values))
+    return [by_name[n] for n in names if n in by_name] + values[len(flat):]
+
+
 def combo_options(spec) -> list:
     """The choices of a combo input's spec: ``([choices], opts)`` (V1 nodes) or
     ``("COMBO", {"options": choices, ...})`` (V3 nodes)."""
@@ -368,7 +416,9 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
     """Convert a saved UI workflow (LiteGraph JSON) to the API prompt format, as the front end
     does when you press Queue: every connected input under its slot's name (also one the node's
     current definition no longer lists, e.g. an older workflow's ``references_2``, which the front
-    end keeps on the node), and widget values matched to inputs by the node's input order."""
+    end keeps on the node), and widget values matched to inputs by the node's input order; a
+    Concept Lab node saved before one of its combos became a DynamicCombo as the pack's front-end
+    extension reads it (:func:`_from_flat_layout`)."""
     links = {l[0]: l for l in workflow.get("links", [])}
     prompt = {}
     for node in workflow["nodes"]:
@@ -399,7 +449,10 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
             if _is_widget(spec) and values:
                 inputs[name] = _take_widget_value(values, name, spec)
                 if spec[0] == DYNAMIC_COMBO:    # the chosen option's inputs follow it, as '<combo>.<name>'
-                    todo[:0] = _chosen_option_inputs(name, spec, inputs[name])
+                    chosen = _chosen_option_inputs(name, spec, inputs[name])
+                    if ntype.startswith("ConceptLab"):
+                        values[:] = _from_flat_layout(values, spec, chosen, [s for _, s in todo if _is_widget(s)])
+                    todo[:0] = chosen
         for name, link in linked.items():       # inputs the definition does not list
             inputs.setdefault(name, link)
         prompt[str(node["id"])] = {"class_type": ntype, "inputs": inputs}

@@ -92,6 +92,31 @@ def test_saved_ui_workflow_converts_to_the_saved_prompt(object_info, name):
     assert cr.ui_to_api(_ui(name), object_info) == _as_the_front_end_sends(_api(name), object_info)
 
 
+#: Mask From Concept saved flat in every threshold mode, later widgets off their defaults
+#: (tests/e2e/test_dynamic_combo_front_end.py opens it in the front end)
+FLAT_THRESHOLD = FIXTURES.parent / "workflows_flat_threshold" / "mask_from_concept_flat_threshold.json"
+
+
+def test_mask_from_concept_saved_flat_converts_with_every_value_in_place(object_info):
+    """A workflow saved with the flat 'threshold_mode' and 'threshold': on 0.33 the modes without a
+    threshold ('mean', 'otsu') drop the saved threshold and keep grow and refine in place (as the
+    pack's front-end extension reads them, web/js/dynamic_combo_migration.js), 'fixed' and 'argmax'
+    send it as 'threshold_mode.threshold'; on 0.3.75 every value flat, as saved."""
+    wf = json.loads(FLAT_THRESHOLD.read_text())
+    prompt = cr.ui_to_api(wf, object_info)
+    dynamic = object_info["ConceptLabMaskFromConcept"]["input"]["required"]["threshold_mode"][0] == \
+        "COMFY_DYNAMICCOMBO_V3"
+    for node in (n for n in wf["nodes"] if n["type"] == "ConceptLabMaskFromConcept"):
+        concept, mode, threshold, grow, refine = node["widgets_values"]
+        expected = {"concept": concept, "threshold_mode": mode, "grow": grow, "refine": refine}
+        if not dynamic:
+            expected["threshold"] = threshold
+        elif mode in ("fixed", "argmax"):
+            expected["threshold_mode.threshold"] = threshold
+        sent = {k: v for k, v in prompt[str(node["id"])]["inputs"].items() if k != "saliency"}
+        assert sent == expected, (node["id"], sent)
+
+
 @pytest.mark.parametrize("name", [n for n in NAMES if n not in NEEDS_MODEL_FILES])
 def test_saved_prompt_runs(server, name):
     prompt = _small(_api(name))

@@ -15,7 +15,6 @@
 import copy
 import importlib
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -105,14 +104,7 @@ def test_saved_workflow_with_numbered_references_opens_queues_and_runs(front_end
         queued = page.evaluate("async () => (await window.app.graphToPrompt()).output")
         sent = queued[rank]["inputs"]
         assert isinstance(sent.get("references_2"), list) and isinstance(sent.get("references_3"), list), sent
-        before = set(front_end.server.get("/history") or {})
-        page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
-        deadline, entry = time.time() + 300, None
-        while time.time() < deadline and entry is None:
-            fresh = {k: v for k, v in (front_end.server.get("/history") or {}).items() if k not in before}
-            entry = next((e for e in fresh.values() if e.get("status", {}).get("completed")
-                          or e.get("status", {}).get("status_str") == "error"), None)
-            time.sleep(0.5)
+        entry = br.queue_and_wait(page, front_end.server, timeout=300)
         page.wait_for_timeout(500)      # late console errors
         added = watch.added_by_pack(front_end.baseline())
     finally:
