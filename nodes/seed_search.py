@@ -201,7 +201,11 @@ def clip_vision_compute_dtype(cv) -> torch.dtype:
 
 
 #: The decoder blocks that are checkpointed one by one while gradients flow through the VAE.
-CHECKPOINTED_BLOCKS = ("ResnetBlock", "AttnBlock", "Upsample")
+#: The VAE decoder blocks checkpointed one by one: SD / SDXL / Flux / Flux.2 VAEs (ResnetBlock,
+#: AttnBlock, Upsample) and the Wan 2.1 VAE of Qwen-Image (ResidualBlock, AttentionBlock,
+#: Resample; a one-frame decode has no causal cache, so each block is a function of its input).
+#: Without them the Wan decoder kept 9.3 GiB for backward at 1024 px in bf16 (fit section).
+CHECKPOINTED_BLOCKS = ("ResnetBlock", "AttnBlock", "Upsample", "ResidualBlock", "AttentionBlock", "Resample")
 
 
 @contextlib.contextmanager
