@@ -183,6 +183,21 @@ class Estimate:
     def describe(self) -> str:
         return ", ".join(f"{n} {b / MIB:.0f} MiB" for n, b in self.parts) + f" (total {self.total / MIB:.0f} MiB)"
 
+    def with_allocator_margin(self) -> "Estimate":
+        """The estimate with what a GPU's allocator needs beyond the tensors themselves
+        (:data:`ALLOCATOR_FRAGMENTATION` of the work, plus :data:`ALLOCATOR_WORKSPACE`)."""
+        margin = int(ALLOCATOR_FRAGMENTATION * self.total + ALLOCATOR_WORKSPACE)
+        return Estimate(tuple(self.parts) + (("allocator margin (fragmentation, kernel workspace)", margin),))
+
+
+#: What the CUDA caching allocator holds beyond the live tensors: blocks rounded up and freed
+#: blocks kept split (about 10 % of what a step allocates), and the workspaces of cuDNN and the
+#: attention kernels (0.25 GiB). The same margin the fit section adds to its counts
+#: (benchmarks/fakemem.py); the nodes add it to the work they ask ComfyUI for, so that a partial
+#: load leaves room for it. Without it, counted peaks came out up to 0.06 GiB above the card.
+ALLOCATOR_FRAGMENTATION = 0.10
+ALLOCATOR_WORKSPACE = 1 << 28
+
 
 def seed_search_estimate(latent_shape: Sequence[int], model_dtype, usage_factor: float, cfg: float,
                          search_steps: int, decode_bytes: int = 0, vit: VitShape | None = None,

@@ -126,6 +126,10 @@ def plan(model, requested: str, chunks: list, need: Callable, batch: int = 0, *m
     with it (the VAE, CLIP vision), whose weights count too."""
     weights = sum(weight_bytes(m) for m in (model, *models))
     floor = stream_floor(model) + sum(weight_bytes(m) for m in models)
+    estimate = need
+
+    def need(s, c):     # what is asked of ComfyUI: the work and the allocator's margin
+        return estimate(s, c).with_allocator_margin()
     available = available_bytes(model.load_device)
     casts = cast_bytes(model.model) > 0
     options, fits = {}, {}

@@ -251,8 +251,9 @@ def test_auto_takes_the_fastest_setting_that_fits(lab, cn, MEM, demo, monkeypatc
     full_need = roomy.estimate.total
     tighter = plan_with(weights + full_need // 4)
     assert tighter.setting == MEM.FULL and 0 < tighter.chunk < batch
-    one = cn.memory_estimate(demo.model, subject, 8, s, layers, MEM.FULL, 1).total
-    ck = cn.memory_estimate(demo.model, subject, 8, s, layers, MEM.CHECKPOINT, 1).total
+    # what the plan asks for: the estimate and the allocator's margin
+    one = cn.memory_estimate(demo.model, subject, 8, s, layers, MEM.FULL, 1).with_allocator_margin().total
+    ck = cn.memory_estimate(demo.model, subject, 8, s, layers, MEM.CHECKPOINT, 1).with_allocator_margin().total
     assert ck < one
     squeezed = plan_with(weights + (ck + one) // 2)
     assert squeezed.setting == MEM.CHECKPOINT and 1 <= squeezed.chunk < batch
@@ -328,3 +329,11 @@ def test_the_vae_decoder_is_checkpointed_block_by_block(lab, ss, demo, kind):
     ckpt, blocks = grad(True)
     assert blocks, "no decoder block was checkpointed"
     assert float((ckpt - plain).abs().max() / plain.abs().max()) < 1e-5
+
+
+def test_the_allocator_margin_is_the_one_the_counts_add(lab, K):
+    """The margin the nodes ask ComfyUI for beyond their estimate is the one the fit section adds
+    to its fake-tensor counts (benchmarks/fakemem.py), so that what they plan is what is counted."""
+    fakemem = importlib.import_module("benchmarks.fakemem")
+    assert K.memory.ALLOCATOR_FRAGMENTATION == fakemem.FRAGMENTATION
+    assert K.memory.ALLOCATOR_WORKSPACE == fakemem.WORKSPACE_BYTES
