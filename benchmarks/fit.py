@@ -694,7 +694,7 @@ def probe_time(o: dict) -> dict:
 
     out = {}
     for name, work, order in (("seed_search", seed, ("checkpoint", "full")),
-                              ("concept_neurons", extract, ("checkpoint", "full", "checkpoint", "full"))):
+                              ("concept_neurons", extract, ("checkpoint", "full"))):
         work("full")                       # warm: caches, first-call costs
         runs = {m: [] for m in order}
         for m in order:
