@@ -321,11 +321,25 @@ def _moves_on_one_fake_device(counter: "AllocationCounter | None" = None) -> Ite
             return None
         return original(t1, t2)
 
+    # ``Module._apply`` wraps the moved tensor in a Parameter before swapping; for a fake inference
+    # weight (built under inference_mode, as ComfyUI builds models) moved outside it, as ComfyUI
+    # 0.3.75's partial load does, that wrapper may not require grad (the parameter itself keeps its
+    # flag: only its data changes)
+    parameter_new = torch.nn.Parameter.__new__
+
+    def new(cls, data=None, requires_grad=True):
+        if (requires_grad and isinstance(data, FakeTensor) and data.is_inference()
+                and not torch.is_inference_mode_enabled()):
+            requires_grad = False
+        return parameter_new(cls, data, requires_grad)
+
     torch.utils.swap_tensors = swap
+    torch.nn.Parameter.__new__ = staticmethod(new)
     try:
         yield
     finally:
         torch.utils.swap_tensors = original
+        torch.nn.Parameter.__new__ = staticmethod(parameter_new)
 
 
 @contextlib.contextmanager

@@ -329,7 +329,7 @@ def test_zimage_seed_search_through_the_flow_schedule(lab, ss, zi, clip, vae16):
     assert torch.allclose(t.diff(), t.diff()[:1].expand(3), atol=1e-5) and float(t.diff()[0]) < -0.3
     pos, neg, lat = _conds(lab, clip)
     with torch.inference_mode():
-        noise, noise_latent, plot, res, _ = ss.search_noise(
+        noise, noise_latent, plot, res, *_ = ss.search_noise(
             zi, vae16, pos, neg, lat, _refs(), seed=3, cfg=2.0, iterations=4, search_steps=2,
             learning_rate=0.3, lr_drop_after=100, norm_regulariser=True, norm_weight=0.1,
             semantic_steps=1, semantic_weight=0.0, appearance_weight=1.0)

@@ -174,7 +174,7 @@ def test_seed_search_and_rank(lab, ss, loaded, family, precision):
         (pos,) = N.CLIPTextEncode().encode(clip, "an eight")
         (neg,) = N.CLIPTextEncode().encode(clip, "")
         (lat,) = N.EmptyLatentImage().generate(64, 64, 1)
-        noise, noise_latent, plot, res, _ = ss.search_noise(
+        noise, noise_latent, plot, res, *_ = ss.search_noise(
             model, vae, pos, neg, lat, _refs(), seed=7, cfg=3.0, iterations=3, search_steps=2, learning_rate=0.1,
             lr_drop_after=10, norm_regulariser=True, norm_weight=1.0, semantic_steps=1, semantic_weight=10.0,
             appearance_weight=1.0)
