@@ -608,7 +608,7 @@ def run_section(args, spawn, out: dict) -> None:
                 "runs": "peak_gib" in r and _fits(r["peak_gib"], float(card)),
                 "setting": plan.get("setting"), "chunk": plan.get("chunk"), "peak_gib": r.get("peak_gib"),
                 "weights": weights, "plan_gib": round((plan.get("weights_bytes", 0) + plan.get("work_bytes", 0)) / GIB, 2),
-                "failed": r.get("failed") or plan.get("failed")}
+                **({"failed": r.get("failed") or plan.get("failed")} if r.get("failed") or plan.get("failed") else {})}
     out["fit.cards"] = cards
     out["fit.counted_seconds"] = round(time.time() - t0, 1)
 

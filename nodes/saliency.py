@@ -876,8 +876,9 @@ class ConceptLabMaskFromConcept(io.ComfyNode):
             **ACCEPT_OLD_NAMES)
 
     @classmethod
-    def execute(cls, saliency, concept, threshold_mode, grow, refine="as saliency maps", threshold=None,
+    def execute(cls, saliency, concept, threshold_mode, threshold=None, grow=0, refine="as saliency maps",
                 **_other):
+        # (the positional order of the V1 node: Python callers pass threshold fourth)
         # threshold_mode: {"threshold_mode": mode, "threshold": value} (io.DynamicCombo, ComfyUI
         # 0.33) or the mode, with 'threshold' flat (0.3.75, and prompts saved before on any version)
         threshold_mode, carried = chosen(threshold_mode, "threshold_mode", threshold=threshold)
