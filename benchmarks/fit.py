@@ -597,7 +597,7 @@ def run_section(args, spawn, out: dict) -> None:
             continue
         r = done[key]
         out[key] = dict(r, peak_gb=r.get("peak_gib"), card_gb=card, model=MODELS[model].label, weights=weights,
-                        node={"seed": "Seed Search", "extract": "Concept Neurons Extract"}[node],
+                        node_name={"seed": "Seed Search", "extract": "Concept Neurons Extract"}[node],
                         px=MODELS[model].px, how="counted (fake tensors, margin added)")
     cards = {}
     for (node, model, weights), by_card in planned.items():
