@@ -21,10 +21,8 @@ import copy
 import dataclasses
 import importlib
 import json
-import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 

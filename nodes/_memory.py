@@ -16,7 +16,7 @@ class methods, module hooks; all removed on exit):
   (weights streamed from the offload device at each forward) when weights and work do not fit.
 
 The nodes pick the first setting of :data:`SETTINGS` whose estimate fits what ComfyUI reports
-free (:func:`choose`), or the one the user forces, and say which in their info output.
+free (:func:`plan`), or the one the user forces, and say which in their info output.
 """
 from __future__ import annotations
 
@@ -197,7 +197,6 @@ def unit_input_bytes(model, latent_shape, dtype, text_tokens: int = 256) -> int:
     dm = model.model.diffusion_model
     batch, area = int(latent_shape[0]), math.prod(int(d) for d in latent_shape[2:])
     size = torch.empty((), dtype=dtype).element_size()
-    units = checkpoint_units(dm)
     if hasattr(dm, "input_blocks"):                 # a UNet
         load = _unet_unit_load(dm)
         return int(load * area * batch * size)
@@ -235,7 +234,7 @@ def _unet_unit_load(dm) -> float:
                 name = type(unit).__name__
                 down |= name == "Downsample"
                 up |= name == "Upsample"
-            if part is not None and blk is not dm.middle_block:
+            if blk is not dm.middle_block:
                 level += 1 if down else 0
                 level -= 1 if up else 0
     return total
