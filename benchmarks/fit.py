@@ -21,6 +21,7 @@ import copy
 import dataclasses
 import importlib
 import json
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -558,13 +559,39 @@ def _fits(peak_gib: float, card: float) -> bool:
     return peak_gib <= card
 
 
+#: What the RSS probes ask of glibc: every block over 128 KiB in its own mapping, returned to the
+#: system when freed. By default glibc raises that threshold as large blocks are freed, after which
+#: freed tensors stay in its heap and RSS holds them (measured: SD1.5 Extract fp32, counted
+#: 6,003 MB, RSS 8,984 MB by default and 6,027 MB with this; ``docs/fit.md``).
+RSS_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+
+
+def _counter_cases(size: int) -> dict:
+    """The real cases the fake count is checked on (SD1.5 fp32 on this CPU), per setting: the probe,
+    its options and the key of its peak above the loaded weights. Extract runs its 4 latents in
+    one forward (``chunk``) in every run, counted or measured."""
+    cases = {}
+    for memory in ("full", "checkpoint"):
+        cases[("seed_search", memory)] = ("seed", dict(kind="sd15", dtype="fp32", size=size, search_steps=2,
+                                                      memory=memory), "peak_above_loaded_gb")
+        cases[("concept_neurons", memory)] = ("cn", dict(kind="sd15", mode="extract", size=size, batch=2, chunk=4,
+                                                         memory=memory), "peak_above_loaded_mb")
+    return cases
+
+
+def _mb(r: dict, key: str):
+    return None if key not in r else r[key] * (1024 if key.endswith("_gb") else 1)
+
+
 def run_section(args, spawn, out: dict) -> None:
-    """Every fit figure, into ``out`` (the scale job's JSON). ``spawn(name, **opts)``: a probe in a
-    fresh process. Fake counts run two at a time; the real-compute probes (RSS, time) after them,
-    alone."""
+    """Every fit figure, into ``out`` (the scale job's JSON). ``spawn(name, env=None, **opts)``: a
+    probe in a fresh process. The counts the real runs are checked against run first, alone; then
+    the other counts and the RSS runs (whose memory does not depend on the CPU they get) two at a
+    time; the timed probe last, alone."""
     from concurrent.futures import ThreadPoolExecutor
     t0 = time.time()
     quick = args.quick
+    size = 128 if quick else 512
     jobs = {key: dict(node=node, model=model, weights=weights, card=card)
             for key, node, model, weights, card in TARGETS + REPORTS}
     grid = [(node, model, weights) for model, weights in CARD_WEIGHTS.items() for node in ("seed", "extract")]
@@ -572,7 +599,18 @@ def run_section(args, spawn, out: dict) -> None:
         jobs = {k: v for k, v in jobs.items() if k in ("fit.seed_search.sd15_512_fp16",
                                                         "fit.concept_neurons.sd15_512_fp16")}
         grid = grid[:1]
+    real_cases = _counter_cases(size)
+    # the counts the real runs are checked against, first and one at a time: ComfyUI makes room
+    # for a node by what the machine reports free, so a count made beside another probe's real run
+    # can differ from the real run made alone (Seed Search full, measured: 4,096 MB beside the RSS
+    # run, 4,229 MB alone, the timed run's heap 4,228 MB)
+    counted_runs = {case: spawn(probe_name, fake=True, **opts) for case, (probe_name, opts, _key) in real_cases.items()}
     with ThreadPoolExecutor(max_workers=2) as pool:
+        # the RSS runs first (the longest), one after the other (each holds ~10 GB) beside the
+        # counts: a fresh process each
+        rss_runs = pool.submit(lambda: {case: spawn(probe_name, env=RSS_MALLOC, **opts)
+                                        for case, (probe_name, opts, _key) in real_cases.items()
+                                        if case[1] == "full"})
         planned = dict(zip(grid, pool.map(lambda g: spawn("fit", node=g[0], model=g[1], weights=g[2],
                                                           plans=True, cards=list(CARDS_GB)), grid)))
         # the card table: one count per setting and chunk the nodes choose (the card matters only
@@ -589,6 +627,7 @@ def run_section(args, spawn, out: dict) -> None:
                 counts.setdefault(key, dict(node=node, model=model, weights=weights, card=int(card)))
         keys = list(jobs) + list(counts)
         results = list(pool.map(lambda o: spawn("fit", **o), list(jobs.values()) + list(counts.values())))
+        rss_runs = rss_runs.result()
     done = dict(zip(keys, results))
     for key, node, model, weights, card in TARGETS + REPORTS:
         if key not in done:
@@ -610,39 +649,31 @@ def run_section(args, spawn, out: dict) -> None:
     out["fit.cards"] = cards
     out["fit.counted_seconds"] = round(time.time() - t0, 1)
 
-    # real compute on this CPU: the time checkpointing costs, and the process's memory against the
-    # fake count of the very same runs (SD1.5, fp32: what this CPU computes in)
-    size = 128 if quick else 512
+    # real compute on this CPU, alone: the time checkpointing costs, and the heap of those same
+    # runs against their fake count (SD1.5, fp32: what this CPU computes in)
     t1 = time.time()
     timed = spawn("fit-time", size=size, quick=quick)
     for name in ("seed_search", "concept_neurons"):
         if name in timed:
             out[f"fit.{name}.sd15.time_ratio_checkpointed"] = timed[name]["time_ratio_checkpointed"]
     out["fit.timing"] = timed
-    def mb(r: dict, key: str):
-        return None if key not in r else r[key] * (1024 if key.endswith("_gb") else 1)
-
     rss, heap = {}, {}
-    for memory in ("full", "checkpoint"):
-        runs = {"seed_search": (dict(kind="sd15", dtype="fp32", size=size, search_steps=2, memory=memory),
-                                "seed", "peak_above_loaded_gb"),
-                "concept_neurons": (dict(kind="sd15", mode="extract", size=size, batch=2, memory=memory),
-                                    "cn", "peak_above_loaded_mb")}
-        for name, (opts, probe_name, key) in runs.items():
-            counted = mb(spawn(probe_name, **opts, fake=True), key)
-            case = f"{name}.sd15_{size}_fp32.{memory}"
-            measured = timed.get(name, {}).get("heap_above_start_mb", {}).get(memory)
-            if counted and measured:
-                heap[case] = {"counted_mb": round(counted, 1), "measured_mb": measured,
-                              "ratio": round(counted / measured, 3)}
-            if memory == "full":     # the process's RSS, a fresh process per run (scale.py's way)
-                real = mb(spawn(probe_name, **opts), key)
-                if counted and real:
-                    rss[case] = {"counted_mb": round(counted, 1), "rss_mb": round(real, 1),
-                                 "ratio": round(counted / real, 3)}
+    for (name, memory), (_probe, _opts, key) in real_cases.items():
+        case = f"{name}.sd15_{size}_fp32.{memory}"
+        counted = _mb(counted_runs[(name, memory)], key)
+        measured = timed.get(name, {}).get("heap_above_start_mb", {}).get(memory)
+        if counted and measured:
+            heap[case] = {"counted_mb": round(counted, 1), "measured_mb": measured,
+                          "ratio": round(counted / measured, 3)}
+        real = _mb(rss_runs.get((name, memory), {}), key)
+        if counted and real:
+            rss[case] = {"counted_mb": round(counted, 1), "rss_mb": round(real, 1),
+                         "ratio": round(counted / real, 3)}
+    malloc = " ".join(f"{k}={v}" for k, v in RSS_MALLOC.items())
     what = {"fit.counter_vs_rss": (rss, "the fake-tensor count of the work's peak above the loaded weights / "
                                         "the peak RSS above the loaded weights of the same run computed for real "
-                                        "(fp32 on this CPU, a fresh process)"),
+                                        f"(fp32 on this CPU, a fresh process, {malloc}: glibc returns every "
+                                        "freed tensor to the system instead of keeping it in its heap)"),
             "fit.counter_vs_heap": (heap, "the same count / the peak of the process heap's bytes in use (glibc, "
                                           "read after every torch operation) above its level when the run began, "
                                           "both settings in one process")}
@@ -651,13 +682,15 @@ def run_section(args, spawn, out: dict) -> None:
             values = [r["ratio"] for r in cases.values()]
             out[key] = {"cases": cases, "min": min(values), "max": max(values), "what": text}
     out["fit.real_seconds"] = round(time.time() - t1, 1)
+    out["fit.section_seconds"] = round(time.time() - t0, 1)
 
 
 def probe_time(o: dict) -> dict:
     """``scale --probe fit-time``: what checkpointing costs in time on SD1.5 (fp32, this CPU), both
     settings in one process, interleaved: one Seed Search iteration (2 search steps, CLIP-H
-    semantic + appearance losses, CFG 5) and one Extract gradient evaluation (2 latents x 2
-    noise draws), each with memory "full" and "checkpoint". The process's heap in use is read after
+    semantic + appearance losses, CFG 5; once per setting) and one Extract gradient evaluation (2
+    latents x 2 noise draws in one forward; twice per setting), with memory "full" and "checkpoint",
+    after a warm-up run; the medians are compared. The process's heap in use is read after
     every torch operation of each run (``fakemem.HeapPeak``: glibc's bytes in use, where torch's CPU
     tensors live; RSS cannot tell runs in one process apart, freed memory stays mapped), and the
     fake-tensor count of the same run is checked against its peak above the start."""
@@ -677,23 +710,27 @@ def probe_time(o: dict) -> dict:
     g = torch.Generator().manual_seed(3)
     latents = torch.randn(2, 4, size // 8, size // 8, generator=g)
     cond, pooled = cn.encode_text(clip, "a photo of a dog")
-    settings = cn.ExtractSettings(iterations=1, prior_images=0, noise_draws=2)
+    # the 4 latents in one forward with either setting, as the fake count runs them
+    settings = cn.ExtractSettings(iterations=1, prior_images=0, noise_draws=2, chunk=4)
     layers = cn.model_layers(model)
     mm.load_models_gpu([model, vae.patcher, cv.patcher])
     ones = {n: torch.ones(l["shape"]) for n, l in layers.items()}
 
-    def seed(memory):
+    def seed(memory, **over):
         with torch.inference_mode():
-            ss.search_noise(model, vae, pos, neg, lat, refs, clip_vision=cv, memory=memory, **args)
+            ss.search_noise(model, vae, pos, neg, lat, refs, clip_vision=cv, memory=memory, **dict(args, **over))
 
     def extract(memory):
         plan = cn.memory_plan(model, latents, 0, settings, layers, memory)
         cn.ConceptLoss(model, latents, latents[:0], cond, pooled, settings, layers, plan)(ones)
 
     out = {}
-    for name, work, order in (("seed_search", seed, ("checkpoint", "full")),
-                              ("concept_neurons", extract, ("checkpoint", "full"))):
-        work("full")                       # warm: caches, first-call costs
+    # warm-up (caches, first-call costs at these shapes), then the settings interleaved; Seed
+    # Search warms up on one search step (the same shapes), its runs take minutes each
+    for name, work, warm, order in (
+            ("seed_search", seed, lambda: seed("full", search_steps=1), ("checkpoint", "full")),
+            ("concept_neurons", extract, lambda: extract("full"), ("checkpoint", "full") * (1 if quick else 2))):
+        warm()
         runs = {m: [] for m in order}
         for m in order:
             heap = fakemem.HeapPeak()      # the heap's bytes in use, read after every operation
@@ -701,7 +738,7 @@ def probe_time(o: dict) -> dict:
             with heap:
                 work(m)
             runs[m].append((time.perf_counter() - t, heap.added / 2 ** 20))
-        med = {m: sorted(r)[len(r) // 2] for m, r in runs.items()}
+        med = {m: (statistics.median(a for a, _ in r), statistics.median(b for _, b in r)) for m, r in runs.items()}
         out[name] = {"seconds": {m: round(v[0], 2) for m, v in med.items()},
                      "heap_above_start_mb": {m: round(v[1], 1) for m, v in med.items()},
                      "time_ratio_checkpointed": round(med["checkpoint"][0] / med["full"][0], 3),
@@ -818,5 +855,5 @@ def targets_table(data: dict) -> str:
     if rss:
         ok = 0.8 <= rss["min"] and rss["max"] <= 1.25
         rows.append(f"| `fit.counter_vs_rss` | fake count / measured RSS, fp32 | 0.8–1.25 | "
-                    f"{rss['min']:.2f}–{rss['max']:.2f} | | | {'yes' if ok else '**no**'} |")
+                    f"{rss['min']:.3f}–{rss['max']:.3f} | | | {'yes' if ok else '**no**'} |")
     return "\n".join(rows)

@@ -341,7 +341,7 @@ def _ksampler(model, pos, neg, lat, steps: int, cfg: float = 5.0, seed: int = 1)
 
 
 def probe_saliency_sd15(o: dict) -> dict:
-    pack = cr.bootstrap(pytorch_attention=o["attention"] == "pytorch")
+    cr.bootstrap(pytorch_attention=o["attention"] == "pytorch")
     model, clip = unet("sd15", torch.float32, o["quick"]), sd1_clip(o["quick"])
     import nodes as N
     prompt = "a photo of a corgi on a red sofa in front of a window"
@@ -430,7 +430,7 @@ class _CaptureClock:
 
 
 def probe_saliency_flux(o: dict) -> dict:
-    pack = cr.bootstrap(pytorch_attention=o["attention"] == "pytorch")
+    cr.bootstrap(pytorch_attention=o["attention"] == "pytorch")
     model = flux_slice(torch.float32, o["quick"])
     width = 64 if o["quick"] else 4096
     clip = PrecomputedText(width, 64 if o["quick"] else 768)
@@ -670,7 +670,7 @@ def _probe_cn(o: dict, job, pack) -> dict:
     lat = torch.randn(o["batch"], channels, size // 8, size // 8, generator=g)
     cond, pooled = cn.encode_text(clip, "a photo of a dog")
     settings = cn.ExtractSettings(procedure="iterative", budget_fraction=0.004, iterations=1, prior_images=0,
-                                  noise_draws=o["batch"])
+                                  noise_draws=o["batch"], chunk=int(o.get("chunk") or 0))
     layers = cn.model_layers(model)
     rt.load_for_compute(model)
     setting = o.get("memory") or "full"
@@ -727,8 +727,9 @@ PROBES = {"saliency-sd15": probe_saliency_sd15, "saliency-flux": probe_saliency_
 # ---------------------------------------------------------------------------------------------
 # the job: one fresh process per probe
 # ---------------------------------------------------------------------------------------------
-def _spawn(name: str, opts: dict, threads: int, timeout: float = 3600) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+def _spawn(name: str, opts: dict, threads: int, timeout: float = 3600, env: dict | None = None) -> dict:
+    """Run probe ``name`` in a fresh process (``env``: extra environment variables for it)."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), **(env or {}))
     cmd = [sys.executable, "-m", "benchmarks", "scale", "--probe", name, "--probe-opts", json.dumps(opts),
            "--threads", str(threads)]
     t0 = time.time()
@@ -777,7 +778,7 @@ def run(args) -> dict:
     out = {"comfyui": cr.comfy_version(), "threads": args.threads, "attention": args.attention,
            "quick": args.quick, "device": "CPU (2 cores, 24 GB)", "sections": {}}
     t0 = time.time()
-    spawn = lambda name, **kw: _spawn(name, dict(base, **kw), args.threads)  # noqa: E731
+    spawn = lambda name, env=None, **kw: _spawn(name, dict(base, **kw), args.threads, env=env)  # noqa: E731
     if "saliency-sd15" in chosen:
         r = spawn("saliency-sd15", steps=3, repeats=args.repeats)
         out["saliency.sd15"] = dict(r, how="measured")
