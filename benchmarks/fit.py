@@ -704,14 +704,18 @@ def probe_time(o: dict) -> dict:
     vae, cv, clip = S.sd_vae(quick), S.clip_vision("clip_vision_config_h.json", quick), S.sd1_clip(quick)
     pos, neg, refs = S._seed_inputs({}, "sd15", torch.float32, size)
     lat = S.empty_latent(size)
-    args = dict(seed=1, cfg=5.0, iterations=1, search_steps=2, learning_rate=0.1, lr_drop_after=10,
-                norm_regulariser=True, norm_weight=0.1, semantic_steps=1, semantic_weight=1.0,
+    # the very runs the fake counts are checked against (their heap is compared with the count)
+    cases = _counter_cases(size)
+    seed_opts, extract_opts = cases[("seed_search", "full")][1], cases[("concept_neurons", "full")][1]
+    args = dict(seed=1, cfg=5.0, iterations=1, search_steps=seed_opts["search_steps"], learning_rate=0.1,
+                lr_drop_after=10, norm_regulariser=True, norm_weight=0.1, semantic_steps=1, semantic_weight=1.0,
                 appearance_weight=1.0, appearance_target="mean")
     g = torch.Generator().manual_seed(3)
-    latents = torch.randn(2, 4, size // 8, size // 8, generator=g)
+    latents = torch.randn(extract_opts["batch"], 4, size // 8, size // 8, generator=g)
     cond, pooled = cn.encode_text(clip, "a photo of a dog")
-    # the 4 latents in one forward with either setting, as the fake count runs them
-    settings = cn.ExtractSettings(iterations=1, prior_images=0, noise_draws=2, chunk=4)
+    # latents x noise draws in one forward with either setting, as the fake count runs them
+    settings = cn.ExtractSettings(iterations=1, prior_images=0, noise_draws=extract_opts["batch"],
+                                  chunk=extract_opts["chunk"])
     layers = cn.model_layers(model)
     mm.load_models_gpu([model, vae.patcher, cv.patcher])
     ones = {n: torch.ones(l["shape"]) for n, l in layers.items()}
